@@ -1,0 +1,360 @@
+"""Settings: one pydantic model per stage, loaded from layered sources.
+
+Precedence, lowest to highest::
+
+    built-in defaults < --config FILE < env RAGOPS_* < --set dotted.key=value
+
+Environment variables map to dotted keys by upper-casing and replacing ``.`` with ``__``:
+``RAGOPS_EMBEDDER__BATCH_SIZE=32`` sets ``embedder.batch_size``. ``RAGOPS_HOME`` sets
+``data_dir``. Only variables whose first segment names a settings section are read, so
+unrelated ``RAGOPS_*`` variables (API keys, for instance) never collide with config.
+
+Every model forbids unknown keys: a typo is one error naming the key and the allowed keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ragops.errors import ConfigError
+
+ENV_PREFIX = "RAGOPS_"
+HOME_ENV = "RAGOPS_HOME"
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class StrictModel(BaseModel):
+    """Base for every config model: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EmbedderConfig(StrictModel):
+    """The dense passage/query embedder (DPR-style bi-encoder)."""
+
+    model: str = Field("minilm-l6", description="Registry name, local path, or hub id of the passage encoder.")
+    query_model: str | None = Field(
+        None, description="Separate query encoder (two-tower DPR); None uses `model` for both sides."
+    )
+    query_instruction: str | None = Field(
+        None,
+        description="Prefix added to queries only (BGE). None takes the registry's value for the model; '' disables it.",
+    )
+    batch_size: int = Field(64, ge=1, description="Texts per forward pass.")
+    device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N' or 'auto'.")
+    normalize: bool = Field(True, description="L2-normalize vectors (cosine similarity via dot product).")
+    max_seq_length: int | None = Field(None, ge=8, description="Override the model's token limit.")
+
+
+class LoaderConfig(StrictModel):
+    """Which files are read and how."""
+
+    include: list[str] = Field(
+        default_factory=lambda: ["**/*.md", "**/*.markdown", "**/*.txt", "**/*.html", "**/*.htm", "**/*.pdf", "**/*.jsonl"],
+        description="Glob patterns (relative to the ingest root) of files to read.",
+    )
+    exclude: list[str] = Field(default_factory=lambda: ["**/.*", "**/.*/**"], description="Glob patterns to skip.")
+    max_file_mb: float = Field(50.0, gt=0, description="Files larger than this are reported and skipped.")
+
+
+class ChunkerConfig(StrictModel):
+    """Token-aware, structure-aware chunking with the embedder's tokenizer."""
+
+    chunk_tokens: int = Field(200, ge=16, description="Target chunk size in embedder tokens.")
+    overlap_tokens: int = Field(32, ge=0, description="Tokens shared by consecutive chunks of one section.")
+    respect_sections: bool = Field(True, description="Never let a chunk straddle two Markdown/HTML sections.")
+    include_heading: bool = Field(
+        True, description="Prefix the embedded text with the chunk's title and heading path (the stored text keeps it too)."
+    )
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> "ChunkerConfig":
+        if self.overlap_tokens >= self.chunk_tokens:
+            raise ValueError("overlap_tokens must be smaller than chunk_tokens")
+        return self
+
+
+class SparseConfig(StrictModel):
+    """BM25 sparse vectors written beside the dense ones (IDF applied by Qdrant)."""
+
+    enabled: bool = Field(True, description="Write a BM25 sparse vector per chunk.")
+    k1: float = Field(1.2, gt=0, description="BM25 term-frequency saturation.")
+    b: float = Field(0.75, ge=0, le=1, description="BM25 length normalisation.")
+    avg_doc_tokens: float = Field(120.0, gt=0, description="Assumed average chunk length in words.")
+    language: str = Field("english", description="Stemmer / stop-word language.")
+
+
+class IngestConfig(StrictModel):
+    """The ingest pipeline and how Ray runs it."""
+
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
+    chunker: ChunkerConfig = Field(default_factory=ChunkerConfig)
+    sparse: SparseConfig = Field(default_factory=SparseConfig)
+    runner: Literal["ray", "local"] = Field("ray", description="'ray' runs Ray Data; 'local' runs the same stages in-process.")
+    docs_per_task: int = Field(64, ge=1, description="Documents read and chunked per Ray Data batch.")
+    embed_actors: int = Field(1, ge=1, description="Size of the embedding actor pool.")
+    embed_batch_size: int = Field(256, ge=1, description="Chunks per embedding batch (Ray Data map_batches).")
+    cpus_per_actor: float = Field(2.0, gt=0, description="CPUs reserved per embedding actor (also its torch threads).")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per embedding actor; fractions share one GPU.")
+    write_batch_size: int = Field(512, ge=1, description="Points per upsert call.")
+
+
+class VectorStoreConfig(StrictModel):
+    """Where vectors live: the embedded Qdrant Edge shard or a Qdrant server."""
+
+    backend: Literal["edge", "qdrant"] = Field("edge", description="'edge' (embedded, single writer) or 'qdrant' (server).")
+    collection: str = Field("ragops", pattern=r"^[A-Za-z0-9_.-]{1,128}$", description="Collection name.")
+    url: str | None = Field(None, description="Qdrant server URL (backend 'qdrant'); ':memory:' for the in-process local mode.")
+    api_key_env: str = Field("QDRANT_API_KEY", description="Environment variable holding the server's API key.")
+    timeout_s: float = Field(30.0, gt=0, description="Server request timeout.")
+
+    @model_validator(mode="after")
+    def _server_needs_url(self) -> "VectorStoreConfig":
+        if self.backend == "qdrant" and not self.url:
+            raise ValueError("vectorstore.url is required when vectorstore.backend is 'qdrant'")
+        return self
+
+
+class RerankConfig(StrictModel):
+    """Optional cross-encoder reranking."""
+
+    model: str | None = Field(None, description="CrossEncoder path or registry name; None disables reranking.")
+    candidates: int = Field(30, ge=1, description="Hits fetched before reranking.")
+    batch_size: int = Field(32, ge=1)
+
+
+class RetrievalConfig(StrictModel):
+    """Search defaults."""
+
+    k: int = Field(10, ge=1, le=1000, description="Hits returned.")
+    mode: Literal["dense", "sparse", "hybrid"] = Field("hybrid", description="Search mode.")
+    fusion: Literal["rrf", "dbsf"] = Field("rrf", description="Hybrid fusion method (runs inside Qdrant).")
+    prefetch: int = Field(50, ge=1, description="Candidates per branch before fusion.")
+    score_threshold: float | None = Field(None, description="Drop hits scoring below this (dense/sparse modes).")
+    rerank: RerankConfig = Field(default_factory=RerankConfig)
+    expand_neighbors: int = Field(0, ge=0, le=5, description="Neighbouring chunks added around each hit in contexts.")
+
+
+class GeneratorConfig(StrictModel):
+    """The causal LM that writes answers."""
+
+    model: str = Field("smollm2-135m-instruct", description="Registry name or local path of the generator.")
+    adapter: str | None = Field(None, description="LoRA adapter: registry name/alias or path.")
+    device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N' or 'auto'.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32")
+    max_new_tokens: int = Field(256, ge=1, le=8192)
+    temperature: float = Field(0.0, ge=0, le=5, description="0 is greedy and deterministic.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: list[str] = Field(default_factory=list, description="Stop sequences.")
+    context_tokens: int = Field(1536, ge=64, description="Token budget for retrieved passages in the prompt.")
+    reader: Literal["stuff", "fid"] = Field("stuff", description="'stuff' (numbered passages) or 'fid' (fusion in decoding).")
+    seed: int = Field(0)
+
+
+class RayConfig(StrictModel):
+    """How to reach Ray."""
+
+    address: str | None = Field(None, description="Cluster address; None starts or joins a local Ray.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a locally started Ray (None: all).")
+    nodes: int = Field(1, ge=1, description="Nodes the job expects (a multi-node cluster needs a Qdrant server).")
+
+
+class Settings(StrictModel):
+    """All settings of one ragops invocation."""
+
+    data_dir: Path = Field(Path(".ragops"), description="Where collections, manifests, runs and artifacts live.")
+    embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    vectorstore: VectorStoreConfig = Field(default_factory=VectorStoreConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _expand(cls, v: Any) -> Any:
+        return Path(os.path.expanduser(str(v))) if v is not None else v
+
+    @model_validator(mode="after")
+    def _embedded_store_is_single_node(self) -> "Settings":
+        # An Edge shard is a directory opened by one process: it cannot be shared by nodes.
+        if self.ray.nodes > 1 and self.vectorstore.backend == "edge":
+            raise ValueError(
+                "ray.nodes > 1 with vectorstore.backend 'edge': the embedded Qdrant Edge shard lives on one "
+                "node's disk and only one process may open it. Use a Qdrant server "
+                "(--set vectorstore.backend=qdrant --set vectorstore.url=http://qdrant:6333)."
+            )
+        return self
+
+    def fingerprint(self, *sections: str) -> str:
+        """Short stable hash of the given sections (all when none), for manifests and caches."""
+        data = self.model_dump(mode="json")
+        if sections:
+            data = {s: data[s] for s in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------
+
+
+def _parse_scalar(raw: str) -> Any:
+    """Parse a CLI/env value the way YAML would (numbers, booleans, lists, null)."""
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
+    parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(f"{origin}: '{dotted}' is not a valid dotted key (e.g. embedder.batch_size)")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_preset(path_or_name: str | Path) -> Path:
+    """Return the YAML file for a path, or for the name of a shipped preset (``bge``)."""
+    p = Path(path_or_name)
+    if p.is_file():
+        return p
+    candidate = PRESETS_DIR / f"{path_or_name}.yaml"
+    if not p.suffix and candidate.is_file():
+        return candidate
+    presets = sorted(f.stem for f in PRESETS_DIR.glob("*.yaml"))
+    raise ConfigError(f"config file '{path_or_name}' not found (shipped presets: {', '.join(presets)})")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read one YAML config file into a dict, with a clear error for bad YAML."""
+    file = resolve_preset(path)
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, Any, str]]:
+    """Dotted-key overrides found in the environment, as (key, value, origin)."""
+    sections = set(Settings.model_fields)
+    out: list[tuple[str, Any, str]] = []
+    if environ.get(HOME_ENV):
+        out.append(("data_dir", environ[HOME_ENV], HOME_ENV))
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == HOME_ENV:
+            continue
+        dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
+        if dotted.split(".")[0] in sections:
+            out.append((dotted, _parse_scalar(raw), f"env {name}"))
+    return out
+
+
+def parse_set_option(item: str) -> tuple[str, Any]:
+    """Split one ``--set dotted.key=value`` into key and parsed value."""
+    if "=" not in item:
+        raise ConfigError(f"--set '{item}': expected dotted.key=value, e.g. --set embedder.batch_size=32")
+    key, raw = item.split("=", 1)
+    return key.strip(), _parse_scalar(raw.strip())
+
+
+def _format_validation_error(exc: ValidationError, origins: Mapping[str, str]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+        key = ".".join(loc) or "(root)"
+        origin = origins.get(key)
+        where = f" (from {origin})" if origin else ""
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc[:-1])
+            lines.append(f"unknown config key '{key}'{where}; allowed here: {', '.join(allowed)}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"config key '{key}'{where}: {msg} (got {err.get('input')!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _allowed_keys(path: Sequence[str]) -> list[str]:
+    model: type[BaseModel] = Settings
+    for part in path:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return sorted(model.model_fields)
+
+
+def load_settings(
+    config_files: Sequence[str | Path] = (),
+    overrides: Sequence[str] = (),
+    *,
+    data_dir: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build :class:`Settings` from defaults, YAML files, environment and ``--set`` overrides.
+
+    Args:
+        config_files: YAML files (or shipped preset names), applied in order.
+        overrides: ``dotted.key=value`` strings, applied last.
+        data_dir: ``--data-dir``; wins over ``RAGOPS_HOME`` and config files.
+        environ: Environment to read (defaults to ``os.environ``).
+
+    Raises:
+        ConfigError: unknown key, bad value or unreadable file; the message names the key.
+    """
+    environ = os.environ if environ is None else environ
+    tree: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for f in config_files:
+        data = read_yaml(f)
+        tree = _deep_merge(tree, data)
+    for key, value, origin in env_overrides(environ):
+        _set_dotted(tree, key, value, origin)
+        origins[key] = origin
+    for item in overrides:
+        key, value = parse_set_option(item)
+        _set_dotted(tree, key, value, f"--set {item}")
+        origins[key] = f"--set {item}"
+    if data_dir is not None:
+        tree["data_dir"] = str(data_dir)
+        origins["data_dir"] = "--data-dir"
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, origins)) from None
+
+
+def dump_yaml(settings: Settings) -> str:
+    """Render settings as YAML (what `ragops config show` prints)."""
+    return yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Vector-store protocol and Qdrant backends."""
