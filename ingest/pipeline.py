@@ -1,0 +1,368 @@
+"""The ingest pipeline: discover → load → skip unchanged → chunk → embed → write, incrementally.
+
+Stages are plain callables over columnar batches; :func:`run_ingest` runs them in-process
+(``ingest.runner=local``) or hands them to Ray Data (``ingest.runner=ray``, the default; see
+:mod:`ragops.ingest.ray_pipeline`). Either way the driver owns the single writer.
+
+One stream carries two kinds of rows, so a single streaming pass yields both the chunks to
+write and the per-document outcome for the summary, without materializing anything:
+
+* ``kind="doc"``: one per document (or failed file): its ``status`` — new, updated,
+  unchanged or failed — and a ``reason`` for failures;
+* ``kind="chunk"``: one per chunk of a new or updated document.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import uuid
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ragops.config import Settings
+from ragops.documents import Chunk, Document
+from ragops.errors import CollectionError, InputError
+from ragops.ingest.chunkers import Chunker
+from ragops.ingest.embed import EmbedStage
+from ragops.ingest.loaders import LoadError, SourceFile, discover, load_file
+from ragops.ingest.sink import QdrantSink, document_fingerprint, scan_index
+from ragops.manifest import append_record
+from ragops.model_registry import resolve_model
+from ragops.vectorstore import open_store
+from ragops.vectorstore.base import CollectionSpec, VectorStore
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, Any]
+
+#: Columns of every row in the stream (doc rows leave chunk columns empty).
+ROW_COLUMNS = (
+    "kind", "status", "reason", "file", "doc_id", "chunk_id", "chunk_index", "n_chunks", "text", "embed_text",
+    "heading_path", "source", "title", "content_hash", "fingerprint", "metadata_json",
+)  # fmt: skip
+
+
+def pipeline_fingerprint(settings: Settings) -> str:
+    """Hash of every setting that changes the points a document produces."""
+    shaping = {
+        "embedder": {k: settings.embedder.model_dump()[k] for k in ("model", "normalize", "max_seq_length")},
+        "chunker": settings.ingest.chunker.model_dump(),
+        "sparse": settings.ingest.sparse.model_dump(),
+    }
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_tokenizer(model: str) -> Any:
+    """The embedder's tokenizer alone (chunking needs no model weights)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve_model(model, kind="embedder").locate()))
+
+
+def _empty_batch() -> dict[str, list[Any]]:
+    return {c: [] for c in ROW_COLUMNS}
+
+
+class LoadChunkStage:
+    """Loads a batch of files, drops unchanged documents, and chunks the rest.
+
+    Args:
+        settings: Full settings (loader, chunker and embedder tokenizer are used).
+        known: ``doc_id → fingerprint`` of documents complete in the index.
+        indexed: ids of every document with points in the index (complete or not), to tell
+            "new" from "updated".
+    """
+
+    def __init__(self, settings: Settings, known: dict[str, str], indexed: set[str] | None = None) -> None:
+        self.settings = settings
+        self.known = known
+        self.indexed = set(known) if indexed is None else indexed
+        self.pipeline_fp = pipeline_fingerprint(settings)
+        self._chunker: Chunker | None = None
+
+    @property
+    def chunker(self) -> Chunker:
+        """The chunker, built on first use with the embedder's tokenizer."""
+        if self._chunker is None:
+            self._chunker = Chunker(self.settings.ingest.chunker, load_tokenizer(self.settings.embedder.model))
+        return self._chunker
+
+    def __call__(self, batch: Batch) -> Batch:
+        """Process the files of one batch (columns of :class:`SourceFile` fields)."""
+        out = _empty_batch()
+        files = [SourceFile(**{k: _scalar(batch[k][i]) for k in batch}) for i in range(len(batch["rel_path"]))]
+        for sf in files:
+            for kind, payload in self._process_file(sf):
+                _append_row(out, kind, payload)
+        return out
+
+    def _process_file(self, sf: SourceFile) -> Iterator[tuple[str, dict[str, Any]]]:
+        try:
+            docs, errors = _load(sf, self.settings)
+        except LoadError as exc:
+            yield "doc", {"status": "failed", "reason": exc.reason, "doc_id": sf.rel_path, "file": sf.rel_path, "source": sf.path}
+            return
+        for err in errors:
+            yield "doc", {"status": "failed", "reason": err.reason, "doc_id": getattr(err, "doc_id", sf.rel_path), "file": sf.rel_path, "source": sf.path}
+        for doc in docs:
+            fp = document_fingerprint(doc.content_hash, self.pipeline_fp)
+            previous = self.known.get(doc.doc_id)
+            if previous == fp:
+                yield "doc", {"status": "unchanged", "doc_id": doc.doc_id, "file": sf.rel_path, "source": doc.source}
+                continue
+            try:
+                chunks = self.chunker(doc)
+            except Exception as exc:  # noqa: BLE001 - one bad document must not stop the run
+                yield "doc", {"status": "failed", "reason": f"chunking failed: {exc}", "doc_id": doc.doc_id, "file": sf.rel_path, "source": doc.source}
+                continue
+            if not chunks:
+                yield "doc", {"status": "failed", "reason": "no text to index", "doc_id": doc.doc_id, "file": sf.rel_path, "source": doc.source}
+                continue
+            status = "updated" if doc.doc_id in self.indexed else "new"
+            yield "doc", {"status": status, "doc_id": doc.doc_id, "file": sf.rel_path, "source": doc.source, "n_chunks": len(chunks)}
+            for ch in chunks:
+                yield "chunk", _chunk_row(ch, len(chunks), fp, sf.rel_path)
+
+
+def _scalar(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+def _load(sf: SourceFile, settings: Settings) -> tuple[list[Document], list[LoadError]]:
+    """Load one file; JSONL files may return per-line errors beside their documents."""
+    result = load_file(sf, settings.ingest.loader)
+    if isinstance(result, tuple):
+        docs, errors = result
+        return list(docs), list(errors)
+    return list(result), []
+
+
+def _chunk_row(ch: Chunk, n_chunks: int, fingerprint: str, file: str) -> dict[str, Any]:
+    return {
+        "doc_id": ch.doc_id,
+        "chunk_id": ch.chunk_id,
+        "chunk_index": ch.chunk_index,
+        "n_chunks": n_chunks,
+        "text": ch.text,
+        "embed_text": ch.embed_text,
+        "heading_path": list(ch.heading_path),
+        "source": ch.source,
+        "title": ch.title or "",
+        "content_hash": ch.content_hash,
+        "fingerprint": fingerprint,
+        "metadata_json": json.dumps(ch.metadata, sort_keys=True, default=str),
+        "file": file,
+    }
+
+
+def _append_row(out: dict[str, list[Any]], kind: str, payload: dict[str, Any]) -> None:
+    defaults: dict[str, Any] = {"chunk_index": -1, "n_chunks": 0, "heading_path": [], "metadata_json": "{}"}
+    out["kind"].append(kind)
+    for col in ROW_COLUMNS[1:]:
+        out[col].append(payload.get(col, defaults.get(col, "")))
+
+
+# ---------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Failure:
+    """A document or file that could not be ingested."""
+
+    doc_id: str
+    source: str
+    reason: str
+
+
+@dataclass
+class IngestReport:
+    """Outcome of one ingest run (printed as the summary, appended to the manifest)."""
+
+    run_id: str
+    collection: str
+    embedder: str
+    config_hash: str
+    roots: list[str]
+    runner: str
+    started_at: str
+    new: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    deleted: int = 0
+    failed: list[Failure] = field(default_factory=list)
+    files: int = 0
+    chunks: int = 0
+    points_written: int = 0
+    incomplete: list[str] = field(default_factory=list)
+    duration_s: float = 0.0
+    embed_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing failed."""
+        return not self.failed and not self.incomplete
+
+    @property
+    def documents(self) -> int:
+        """Documents seen (excluding failures)."""
+        return self.new + self.updated + self.unchanged
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (``--json`` output and manifest record)."""
+        d = dataclasses.asdict(self)
+        d["failed_count"] = len(self.failed)
+        d["documents"] = self.documents
+        d["points_per_s"] = round(self.points_written / self.duration_s, 1) if self.duration_s else 0.0
+        d["ok"] = self.ok
+        return d
+
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+# ---------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------
+
+
+def open_collection(settings: Settings, collection: str | None = None) -> tuple[VectorStore, CollectionSpec]:
+    """Open the store and make sure the collection exists and matches the embedder."""
+    from ragops.embeddings import TextEmbedder
+
+    store = open_store(settings.vectorstore, settings.data_dir, collection)
+    model = resolve_model(settings.embedder.model, kind="embedder")
+    dim = model.dim or TextEmbedder(settings.embedder).dim
+    spec = CollectionSpec(
+        name=store.collection, dim=dim, embedder=settings.embedder.model, sparse=settings.ingest.sparse.enabled
+    )
+    try:
+        store.ensure_collection(spec)
+    except CollectionError:
+        store.close()
+        raise
+    return store, spec
+
+
+def run_ingest(
+    settings: Settings,
+    roots: Sequence[str],
+    *,
+    collection: str | None = None,
+    prune: bool = False,
+    progress: ProgressFn | None = None,
+) -> IngestReport:
+    """Ingest ``roots`` into the collection incrementally and return the report.
+
+    Raises:
+        InputError: a root does not exist, or nothing matches the include globs.
+        CollectionError: the collection was built with another embedder or dimension.
+        StoreLockedError: another process holds the embedded index.
+    """
+    if not roots:
+        raise InputError("nothing to ingest: give at least one path or URI")
+    started = time.perf_counter()
+    files = discover(list(roots), settings.ingest.loader)
+    store, spec = open_collection(settings, collection)
+    try:
+        states = scan_index(store)
+        known = {doc_id: fp for doc_id, st in states.items() if (fp := st.complete_fingerprint())}
+        report = IngestReport(
+            run_id=datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6],
+            collection=store.collection,
+            embedder=spec.embedder,
+            config_hash=pipeline_fingerprint(settings),
+            roots=[str(r) for r in roots],
+            runner=settings.ingest.runner,
+            started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            files=len(files),
+        )
+        stage = LoadChunkStage(settings, known, set(states))
+        sink = QdrantSink(store, settings.ingest.write_batch_size)
+        seen_docs: set[str] = set()
+        failed_sources: set[str] = set()
+        files_done: set[str] = set()
+        if files:
+            batches = _run_stages(settings, stage, files)
+            for batch in batches:
+                _account(batch, report, seen_docs, failed_sources, files_done)
+                report.chunks += sink.write_batch(batch)
+                if progress:
+                    progress({"files_done": len(files_done), "files": len(files), "chunks": report.chunks,
+                              "points": sink.points_written, "elapsed": time.perf_counter() - started})
+        report.incomplete = sink.close()
+        report.points_written = sink.points_written
+        if prune:
+            gone = [d for d, st in states.items() if d not in seen_docs and st.source not in failed_sources]
+            report.deleted = sink.delete_documents(gone)
+            store.flush()
+    finally:
+        store.close()
+    report.duration_s = round(time.perf_counter() - started, 3)
+    append_record(settings.data_dir, report.collection, report.to_dict())
+    return report
+
+
+def _account(batch: Batch, report: IngestReport, seen: set[str], failed_sources: set[str], files_done: set[str]) -> None:
+    for i, kind in enumerate(batch["kind"]):
+        if kind != "doc":
+            continue
+        status = str(batch["status"][i])
+        doc_id = str(batch["doc_id"][i])
+        files_done.add(str(batch["file"][i]))
+        if status == "failed":
+            report.failed.append(Failure(doc_id, str(batch["source"][i]), str(batch["reason"][i])))
+            failed_sources.add(str(batch["source"][i]))
+            continue
+        seen.add(doc_id)
+        if status == "new":
+            report.new += 1
+        elif status == "updated":
+            report.updated += 1
+        else:
+            report.unchanged += 1
+
+
+def _run_stages(settings: Settings, stage: LoadChunkStage, files: list[SourceFile]) -> Iterable[Batch]:
+    if settings.ingest.runner == "ray":
+        from ragops.ingest.ray_pipeline import run_ray
+
+        return run_ray(settings, stage, files)
+    return _run_local(settings, stage, files)
+
+
+def _run_local(settings: Settings, stage: LoadChunkStage, files: list[SourceFile]) -> Iterator[Batch]:
+    """Same stages, one process: for small inputs, debugging, and tests of the stage logic."""
+    embed = EmbedStage(settings.embedder, settings.ingest.sparse)
+    size = settings.ingest.docs_per_task
+    for start in range(0, len(files), size):
+        part = files[start : start + size]
+        rows = stage({k: [getattr(f, k) for f in part] for k in _source_fields()})
+        n = len(rows["kind"])
+        step = settings.ingest.embed_batch_size
+        for s in range(0, max(n, 1), step):
+            sub = {k: v[s : s + step] for k, v in rows.items()}
+            if sub["kind"]:
+                yield embed(sub)
+
+
+def _source_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(SourceFile)]
+
+
+def source_rows(files: Sequence[SourceFile]) -> list[dict[str, Any]]:
+    """SourceFiles as plain dicts (Ray Data items)."""
+    return [dataclasses.asdict(f) for f in files]
+
+
+def default_sample_corpus() -> Path:
+    """The sample corpus shipped in the repository (README quickstart)."""
+    return Path(__file__).resolve().parent.parent / "samples" / "docs"

@@ -1,0 +1,39 @@
+"""Start or join Ray on demand (never at import time).
+
+Embedded default: a local Ray started in-process the first time a stage needs it. On a
+cluster, ``RAY_ADDRESS`` (set by ``ray job submit``) or ``ray.address`` in config joins it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ragops.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(cfg: RayConfig | None = None) -> None:
+    """Initialise Ray once per process, quietly, with Ray Data's own progress bars off."""
+    import ray
+
+    cfg = cfg or RayConfig()
+    if not ray.is_initialized():
+        address = cfg.address or os.environ.get("RAY_ADDRESS")
+        kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": False, "logging_level": logging.WARNING}
+        if address:
+            kwargs["address"] = address
+        else:
+            kwargs["include_dashboard"] = False
+            if cfg.num_cpus:
+                kwargs["num_cpus"] = cfg.num_cpus
+        ray.init(**kwargs)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    # ragops draws its own progress (documents, chunks, points/s); Ray's bars would interleave.
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    if hasattr(ctx, "enable_rich_progress_bars"):
+        ctx.enable_rich_progress_bars = False
