@@ -15,7 +15,8 @@ Gotchas of the Edge 0.9 Python API this module hides from callers:
 * point ids come back as :class:`uuid.UUID` (or ``int``): converted to ``str`` here;
 * stored cosine vectors are normalised by the engine, so a vector read back differs from
   the one written by a scale factor;
-* ``facet`` works only on a field with a payload index: other fields are counted by scrolling;
+* ``facet`` works only on a field with a payload index (other fields are counted by
+  scrolling), and its exact mode reports values of deleted points with count 0 (dropped here);
 * ``MatchValue(True)`` is sent as the integer 1 and never matches a JSON boolean, so boolean
   filters are refused (see :mod:`ragops.vectorstore.translate`);
 * optimisation (HNSW build, segment merging) runs only when asked: :meth:`EdgeStore.optimize`.
@@ -442,7 +443,8 @@ class EdgeStore:
         shard, _ = self._require()
         if key in shard.info().payload_schema:
             response = shard.facet(qe.FacetRequest(key, limit=limit, exact=True))
-            return {h.value: h.count for h in response}
+            # An exact facet lists values whose points were all deleted with count 0.
+            return {h.value: h.count for h in response if h.count > 0}
         return count_facet((r.payload for r in self.scroll(fields=[key])), key, limit)
 
     def drop(self) -> None:
