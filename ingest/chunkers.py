@@ -1,6 +1,7 @@
 """Token-aware, structure-aware chunking with the embedder's own tokenizer.
 
-A chunk is an exact (stripped) substring of one section of a document, at most
+A chunk is an exact (stripped) substring of one section of a document (of the whole text
+when ``respect_sections`` is off), at most
 ``chunk_tokens`` tokens *including* the title/heading prefix that is embedded with it, so the
 embedder never truncates. Split points are chosen from the tokenizer's offset mapping:
 
@@ -15,8 +16,9 @@ word boundary.
 
 Each section is tokenized once; split points are found by scanning offsets, not by
 re-tokenizing candidate pieces. A final batched count of every embedded text guards the
-limit for tokenizers whose counts are not additive over whitespace (byte-level BPE); a piece
-over the limit is re-split with a tighter budget.
+limit for tokenizers whose counts are not additive over whitespace (byte-level BPE): a
+section with a piece over the limit is split again, from the same offsets, with a tighter
+budget.
 
 Tiny sections are not merged with their siblings: a merged chunk would have no correct
 heading path and would straddle two sections; the heading prefix already gives a small
@@ -28,7 +30,7 @@ from __future__ import annotations
 import bisect
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ragops.config import ChunkerConfig
@@ -41,7 +43,7 @@ _CLOSERS = frozenset("\"')]}’”»")
 
 _PARAGRAPH, _SENTENCE, _WORD, _NONE = 3, 2, 1, 0
 
-#: Re-split rounds for a piece whose measured size still exceeds the limit.
+#: Re-split rounds for a section whose measured pieces still exceed the limit.
 _MAX_REFIT_ROUNDS = 6
 
 
@@ -51,6 +53,17 @@ class _Unit:
 
     text: str
     heading_path: list[str] | None  # None: look the path up per chunk (respect_sections off)
+
+
+@dataclass
+class _Plan:
+    """A unit with its token offsets, current budget and the pieces cut for that budget."""
+
+    doc: Document
+    unit: _Unit
+    offsets: Sequence[tuple[int, int]]
+    budget: int
+    pieces: list[_Piece] = field(default_factory=list)
 
 
 @dataclass
@@ -82,10 +95,26 @@ class _Splitter:
         self.budget = max(1, budget)
         self.overlap = overlap
 
+    def gap(self, j: int) -> tuple[int, int]:
+        """Characters between token ``j - 1`` and token ``j``, whitespace edges of both included.
+
+        WordPiece offsets exclude whitespace; byte-level BPE tokens carry it ("Ġword", "ĊĊ").
+        The gap may also hold characters the tokenizer dropped (control characters, bytes a
+        small vocabulary lacks).
+        """
+        (prev_start, end), (start, next_end) = self.offsets[j - 1], self.offsets[j]
+        text = self.text
+        while end > prev_start and text[end - 1].isspace():
+            end -= 1
+        while start < next_end and text[start].isspace():
+            start += 1
+        return end, max(end, start)
+
     def rank(self, j: int) -> int:
         """How good a split is between token ``j - 1`` and token ``j`` (0: inside a word)."""
-        end, start = self.offsets[j - 1][1], self.offsets[j][0]
-        gap = self.text[end:start]
+        end, start = self.gap(j)
+        text = self.text
+        gap = text[end:start]
         if not any(c.isspace() for c in gap):  # touching tokens: inside a word
             return _NONE
         newlines = gap.count("\n")
@@ -94,9 +123,9 @@ class _Splitter:
         if newlines == 1:
             return _SENTENCE
         last = end - 1
-        while last > 0 and self.text[last] in _CLOSERS:
+        while last > 0 and text[last] in _CLOSERS:
             last -= 1
-        return _SENTENCE if self.text[last] in _SENTENCE_END else _WORD
+        return _SENTENCE if last >= 0 and text[last] in _SENTENCE_END else _WORD
 
     def best_break(self, s: int) -> int:
         """Token index ``b`` ending the chunk that starts at ``s`` (tokens ``[s, b)``)."""
@@ -128,10 +157,23 @@ class _Splitter:
                 return j
         return b
 
+    def _cut(self, j: int) -> tuple[int, int]:
+        """Where a chunk ending before token ``j`` stops, and where one starting at ``j`` begins.
+
+        At a word boundary both cuts sit at the gap's whitespace, so untokenized characters
+        next to a word stay with that word; without whitespace (a forced cut inside a long
+        "word") they are the two tokens' edges.
+        """
+        end, start = self.gap(j)
+        ws = [i for i in range(end, start) if self.text[i].isspace()]
+        if not ws:
+            return self.offsets[j][0], self.offsets[j - 1][1]
+        return ws[0], ws[-1] + 1
+
     def char_span(self, s: int, b: int) -> tuple[int, int]:
         """Characters of tokens ``[s, b)`` plus the untokenized text around them, stripped."""
-        a = 0 if s == 0 else self.offsets[s - 1][1]
-        e = len(self.text) if b >= self.n else self.offsets[b][0]
+        a = 0 if s == 0 else self._cut(s)[1]
+        e = len(self.text) if b >= self.n else self._cut(b)[0]
         while a < e and self.text[a].isspace():
             a += 1
         while e > a and self.text[e - 1].isspace():
@@ -213,18 +255,17 @@ class Chunker:
             each document and runs over all its sections.
         """
         docs = list(docs)
-        units = [self._units(doc) for doc in docs]
         labels = self._labels(docs)
+        units = [self._units(doc) for doc in docs]
         flat = [u.text for us in units for u in us]
-        offsets = self._encode(flat, offsets=True)["offset_mapping"] if flat else []
+        offsets = iter(self._encode(flat, offsets=True)["offset_mapping"] if flat else [])
+        plans = [[_Plan(doc, u, next(offsets), self._initial_budget(doc, u, labels)) for u in us] for doc, us in zip(docs, units)]
+        for plan in (p for ps in plans for p in ps):
+            self._split(plan, labels)
+        self._enforce_limit([p for ps in plans for p in ps], labels)
         out: list[Chunk] = []
-        k = 0
-        for doc, doc_units in zip(docs, units):
-            pieces: list[_Piece] = []
-            for unit in doc_units:
-                pieces.extend(self._split_unit(doc, unit, offsets[k], labels))
-                k += 1
-            out.extend(self._finish(doc, self._enforce_limit(pieces)))
+        for doc, doc_plans in zip(docs, plans):
+            out.extend(self._finish(doc, [piece for p in doc_plans for piece in p.pieces]))
         return out
 
     # -- planning -----------------------------------------------------------------------
@@ -266,48 +307,52 @@ class Chunker:
             return "", 0
         return labels[heading_label(doc.title, path)]
 
-    def _split_unit(
-        self, doc: Document, unit: _Unit, offsets: Sequence[tuple[int, int]], labels: dict[str, tuple[str, int]]
-    ) -> list[_Piece]:
+    def _initial_budget(self, doc: Document, unit: _Unit, labels: dict[str, tuple[str, int]]) -> int:
         if unit.heading_path is not None:
-            label, label_tokens = self._label_for(doc, unit.heading_path, labels)
-            splitter = _Splitter(unit.text, offsets, self.cfg.chunk_tokens - label_tokens, self.cfg.overlap_tokens)
-            return [_Piece(unit.text[a:e], unit.heading_path, label) for a, e in splitter.spans()]
+            return self.cfg.chunk_tokens - self._label_for(doc, unit.heading_path, labels)[1]
         # Whole-document mode: the heading path depends on where a chunk starts, so budget
         # for the longest label the document has.
-        worst = max(self._label_for(doc, p, labels)[1] for p in self._paths(doc))
-        splitter = _Splitter(unit.text, offsets, self.cfg.chunk_tokens - worst, self.cfg.overlap_tokens)
+        return self.cfg.chunk_tokens - max(self._label_for(doc, p, labels)[1] for p in self._paths(doc))
+
+    def _split(self, plan: _Plan, labels: dict[str, tuple[str, int]]) -> None:
+        """(Re)compute a unit's pieces for its current budget; the offsets are reused."""
+        unit, doc = plan.unit, plan.doc
+        spans = _Splitter(unit.text, plan.offsets, plan.budget, self.cfg.overlap_tokens).spans()
+        if unit.heading_path is not None:
+            label = self._label_for(doc, unit.heading_path, labels)[0]
+            plan.pieces = [_Piece(unit.text[a:e], unit.heading_path, label) for a, e in spans]
+            return
         locate = _SectionLocator(doc)
-        pieces = []
-        for a, e in splitter.spans():
+        plan.pieces = []
+        for a, e in spans:
             path = locate(a)
-            pieces.append(_Piece(unit.text[a:e], path, self._label_for(doc, path, labels)[0]))
-        return pieces
+            plan.pieces.append(_Piece(unit.text[a:e], path, self._label_for(doc, path, labels)[0]))
 
     # -- limit guard --------------------------------------------------------------------
 
-    def _enforce_limit(self, pieces: list[_Piece]) -> list[_Piece]:
-        """Measure every embedded text; re-split any piece over ``chunk_tokens``."""
-        limit = self.cfg.chunk_tokens
-        for _ in range(_MAX_REFIT_ROUNDS):
-            counts = self.count_tokens([self._embed_text(p) for p in pieces])
-            if all(c <= limit for c in counts):
-                return pieces
-            fixed: list[_Piece] = []
-            for piece, count in zip(pieces, counts):
-                fixed.extend(self._refit(piece, count) if count > limit else [piece])
-            pieces = fixed
-        return pieces
+    def _enforce_limit(self, plans: list[_Plan], labels: dict[str, tuple[str, int]]) -> None:
+        """Measure every embedded text in one batch; re-split units with a piece over the limit.
 
-    def _refit(self, piece: _Piece, count: int) -> list[_Piece]:
-        label_tokens = self.count_tokens([piece.label])[0] if piece.label else 0
-        own = self.count_tokens([piece.text])[0]
-        # Whatever the embedded text costs beyond label + text (a separator token, merges
-        # across the join) comes off the budget too.
-        budget = min(own, self.cfg.chunk_tokens - label_tokens) - (count - self.cfg.chunk_tokens) - 1
-        offsets = self._encode([piece.text], offsets=True)["offset_mapping"][0]
-        splitter = _Splitter(piece.text, offsets, max(1, budget), min(self.cfg.overlap_tokens, max(0, budget // 4)))
-        return [_Piece(piece.text[a:e], piece.heading_path, piece.label) for a, e in splitter.spans()]
+        The embedded text can cost more than label + text: a separator token, byte-level BPE
+        merges across the join, a word cut in a forced split tokenized afresh. Such a unit is
+        split again from its offsets with the budget cut by the excess.
+        """
+        limit = self.cfg.chunk_tokens
+        pending = plans
+        for round_ in range(_MAX_REFIT_ROUNDS):
+            counts = iter(self.count_tokens([self._embed_text(pc) for p in pending for pc in p.pieces]))
+            over: list[_Plan] = []
+            for plan in pending:
+                excess = max((next(counts) for _ in plan.pieces), default=0) - limit
+                if excess > 0 and plan.budget > 1:
+                    # Later rounds shrink faster so a stubborn unit cannot loop for long.
+                    shrink = excess if round_ < 2 else max(excess, plan.budget // 4)
+                    plan.budget = max(1, plan.budget - shrink)
+                    self._split(plan, labels)
+                    over.append(plan)
+            if not over:
+                return
+            pending = over
 
     # -- output -------------------------------------------------------------------------
 

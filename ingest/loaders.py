@@ -273,7 +273,7 @@ def _list_root(root: str, keep: _PathFilter) -> list[SourceFile]:
     r = _resolve_root(root)
     try:
         info = r.fs.get_file_info(r.path)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         raise InputError(f"cannot read input '{root}': {exc}") from None
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"input path not found: '{root}' (no such file or directory)")
@@ -283,7 +283,7 @@ def _list_root(root: str, keep: _PathFilter) -> list[SourceFile]:
         return [SourceFile(r.display, r.path, name, int(info.size or 0), _mtime(info), root, r.filesystem_uri)]
     try:
         infos = r.fs.get_file_info(pafs.FileSelector(r.path, recursive=True))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise InputError(f"cannot list input '{root}': {exc}") from None
     prefix = r.path.rstrip("/") + "/"
     found: list[SourceFile] = []
@@ -571,9 +571,10 @@ class _HtmlSink:
     def __init__(self) -> None:
         self.inline: list[str] = []
         self.stack: list[tuple[int, str]] = []
-        self.doc_parts: list[str] = []
+        self.doc_parts: list[tuple[str, str]] = []  # (kind, text), headings included
         self.sections: list[tuple[list[str], list[tuple[str, str]]]] = []
         self.marker = ""  # list-item bullet waiting for the item's first text
+        self.new_list = False  # the next item opens a top-level list (a paragraph break before it)
         self._new_section = True
 
     def add_inline(self, text: str) -> None:
@@ -586,13 +587,15 @@ class _HtmlSink:
             if self.marker:
                 # <li><p>text</p></li> is common: the bullet belongs to the item's first block.
                 text, kind, self.marker = self.marker + text, "li", ""
+            if kind == "li" and self.new_list:
+                kind, self.new_list = "li0", False
             self.block(text, kind)
 
     def block(self, text: str, kind: str = "p") -> None:
         """Add a finished block (paragraph, list item, table, preformatted text)."""
         if not text.strip():
             return
-        self.doc_parts.append(text)
+        self.doc_parts.append((kind, text))
         if self._new_section or not self.sections:
             self.sections.append(([t for _, t in self.stack if t], []))
             self._new_section = False
@@ -604,7 +607,7 @@ class _HtmlSink:
             self.stack.pop()
         self.stack.append((level, text))
         if text:
-            self.doc_parts.append(text)
+            self.doc_parts.append(("h", text))
         self._new_section = True
 
 
@@ -614,7 +617,7 @@ def _join_blocks(blocks: list[tuple[str, str]]) -> str:
     prev = ""
     for kind, text in blocks:
         if out:
-            out.append("\n" if kind == prev == "li" else "\n\n")
+            out.append("\n" if kind == "li" and prev in ("li", "li0") else "\n\n")
         out.append(text)
         prev = kind
     return "".join(out)
@@ -668,6 +671,7 @@ def _visit(child: Any, sink: _HtmlSink, list_depth: int) -> None:
 
 
 def _walk_list(node: Any, sink: _HtmlSink, depth: int, ordered: bool) -> None:
+    sink.new_list = depth == 1  # a nested list continues its parent item's lines
     number = 0
     for child in node.children:
         if isinstance(child, Tag) and child.name.lower() == "li":
@@ -715,7 +719,7 @@ def _load_html(sf: SourceFile, data: bytes, errors: list[LoadError] | None) -> l
     except RecursionError:
         raise LoadError(sf.uri, "corrupt HTML: elements nested too deeply to read", "corrupt") from None
     sink.flush()
-    text = _require_text(sf, normalize_text("\n\n".join(sink.doc_parts)))
+    text = _require_text(sf, normalize_text(_join_blocks(sink.doc_parts)))
     sections = [Section(path, normalize_text(_join_blocks(blocks))) for path, blocks in sink.sections]
     return [_make_document(sf, text, "html", title=title or None, sections=[s for s in sections if s.text])]
 

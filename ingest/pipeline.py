@@ -97,7 +97,7 @@ class LoadChunkStage:
     def __call__(self, batch: Batch) -> Batch:
         """Process the files of one batch (columns of :class:`SourceFile` fields)."""
         out = _empty_batch()
-        files = [SourceFile(**{k: _scalar(batch[k][i]) for k in batch}) for i in range(len(batch["rel_path"]))]
+        files = [SourceFile.from_row({k: _scalar(batch[k][i]) for k in batch}) for i in range(len(batch["rel_path"]))]
         for sf in files:
             for kind, payload in self._process_file(sf):
                 _append_row(out, kind, payload)
@@ -110,7 +110,7 @@ class LoadChunkStage:
             yield "doc", {"status": "failed", "reason": exc.reason, "doc_id": sf.rel_path, "file": sf.rel_path, "source": sf.path}
             return
         for err in errors:
-            yield "doc", {"status": "failed", "reason": err.reason, "doc_id": getattr(err, "doc_id", sf.rel_path), "file": sf.rel_path, "source": sf.path}
+            yield "doc", {"status": "failed", "reason": err.reason, "doc_id": f"{sf.rel_path}:{err.line}" if err.line else sf.rel_path, "file": sf.rel_path, "source": sf.path}
         for doc in docs:
             fp = document_fingerprint(doc.content_hash, self.pipeline_fp)
             previous = self.known.get(doc.doc_id)
@@ -137,11 +137,9 @@ def _scalar(value: Any) -> Any:
 
 def _load(sf: SourceFile, settings: Settings) -> tuple[list[Document], list[LoadError]]:
     """Load one file; JSONL files may return per-line errors beside their documents."""
-    result = load_file(sf, settings.ingest.loader)
-    if isinstance(result, tuple):
-        docs, errors = result
-        return list(docs), list(errors)
-    return list(result), []
+    errors: list[LoadError] = []
+    docs = load_file(sf, settings.ingest.loader, errors)
+    return docs, errors
 
 
 def _chunk_row(ch: Chunk, n_chunks: int, fingerprint: str, file: str) -> dict[str, Any]:
@@ -300,6 +298,10 @@ def run_ingest(
                               "points": sink.points_written, "elapsed": time.perf_counter() - started})
         report.incomplete = sink.close()
         report.points_written = sink.points_written
+        optimize = getattr(store, "optimize", None)
+        if optimize is not None and report.points_written:
+            # Qdrant Edge never optimizes on its own: without this, queries scan every point.
+            optimize()
         if prune:
             gone = [d for d, st in states.items() if d not in seen_docs and st.source not in failed_sources]
             report.deleted = sink.delete_documents(gone)
@@ -345,7 +347,7 @@ def _run_local(settings: Settings, stage: LoadChunkStage, files: list[SourceFile
     size = settings.ingest.docs_per_task
     for start in range(0, len(files), size):
         part = files[start : start + size]
-        rows = stage({k: [getattr(f, k) for f in part] for k in _source_fields()})
+        rows = stage({k: [row[k] for row in source_rows(part)] for k in source_rows(part[:1])[0]})
         n = len(rows["kind"])
         step = settings.ingest.embed_batch_size
         for s in range(0, max(n, 1), step):
@@ -354,13 +356,9 @@ def _run_local(settings: Settings, stage: LoadChunkStage, files: list[SourceFile
                 yield embed(sub)
 
 
-def _source_fields() -> list[str]:
-    return [f.name for f in dataclasses.fields(SourceFile)]
-
-
 def source_rows(files: Sequence[SourceFile]) -> list[dict[str, Any]]:
     """SourceFiles as plain dicts (Ray Data items)."""
-    return [dataclasses.asdict(f) for f in files]
+    return [f.to_row() for f in files]
 
 
 def default_sample_corpus() -> Path:

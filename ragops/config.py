@@ -72,7 +72,7 @@ class ChunkerConfig(StrictModel):
     overlap_tokens: int = Field(32, ge=0, description="Tokens shared by consecutive chunks of one section.")
     respect_sections: bool = Field(True, description="Never let a chunk straddle two Markdown/HTML sections.")
     include_heading: bool = Field(
-        True, description="Prefix the embedded text with the chunk's title and heading path (the stored text keeps it too)."
+        True, description="Prefix the embedded text with the chunk's title and heading path (the stored chunk text stays the plain source text)."
     )
 
     @model_validator(mode="after")

@@ -30,7 +30,7 @@ from qdrant_client import QdrantClient
 from qdrant_client import models as qm
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from ragops.errors import CollectionError, ConfigError, RagopsError, StoreLockedError
+from ragops.errors import ConfigError, RagopsError, StoreLockedError
 from ragops.vectorstore.base import (
     DENSE_VECTOR,
     SPARSE_VECTOR,

@@ -1,0 +1,223 @@
+"""Retrieval evaluation against relevance judgements (qrels).
+
+Inputs are two JSONL files:
+
+* queries — one object per line: ``{"id": "q1", "text": "how do I request a GPU?"}``
+  (``_id`` or ``query_id`` are accepted for ``id``, ``query`` for ``text``);
+* qrels — one judgement per line: ``{"query_id": "q1", "doc_id": "gpus/requests.md"}``,
+  optionally with ``"relevance"`` (judgements with relevance ``<= 0`` are ignored), or
+  several at once with ``"doc_ids": [...]``.
+
+Metrics are document-level (:mod:`ragops.retrieval.metrics`): chunk hits are collapsed to a
+document ranking, each document at its best chunk's position. Chunks are fetched with
+oversampling (``k * oversample``) so that a document ranking of ``k`` documents is usually
+complete even when a document has several matching chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ragops.errors import InputError
+from ragops.retrieval.metrics import dedupe_doc_ranking, evaluate_rankings
+from ragops.retrieval.search import MODES, Retriever
+
+log = logging.getLogger(__name__)
+
+_ID_ALIASES = ("id", "_id", "query_id")
+_TEXT_ALIASES = ("text", "query")
+
+
+def read_jsonl(path: str | Path, required_fields: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Read a JSONL file of objects, checking that each has the required fields.
+
+    Blank lines are skipped.
+
+    Args:
+        path: The file.
+        required_fields: Keys every object must have.
+
+    Returns:
+        The objects, in file order.
+
+    Raises:
+        InputError: the file is missing, or a line is not a JSON object or lacks a field;
+            the message names the file and the line (``file.jsonl:3: ...``).
+    """
+    p = Path(path)
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{p}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    required = list(required_fields)
+    out: list[dict[str, Any]] = []
+    for lineno, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{p}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        missing = [f for f in required if f not in obj]
+        if missing:
+            raise InputError(f"{p}:{lineno}: missing required field(s) {', '.join(repr(m) for m in missing)}")
+        out.append(obj)
+    return out
+
+
+def _pick(obj: dict[str, Any], names: Sequence[str]) -> Any:
+    return next((obj[n] for n in names if n in obj), None)
+
+
+def read_queries(path: str | Path) -> dict[str, str]:
+    """Query id → text from a queries JSONL file (see the module docstring).
+
+    Raises:
+        InputError: a line lacks an id or a text, the text is empty, or an id repeats.
+    """
+    out: dict[str, str] = {}
+    for lineno, obj in _numbered(path):
+        qid = _pick(obj, _ID_ALIASES)
+        text = _pick(obj, _TEXT_ALIASES)
+        if qid is None or isinstance(qid, (dict, list)):
+            raise InputError(f"{path}:{lineno}: missing required field 'id' (a string)")
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"{path}:{lineno}: missing or empty field 'text'")
+        if str(qid) in out:
+            raise InputError(f"{path}:{lineno}: query id '{qid}' appears twice")
+        out[str(qid)] = text
+    return out
+
+
+def read_qrels(path: str | Path) -> dict[str, set[str]]:
+    """Query id → relevant document ids from a qrels JSONL file (see the module docstring).
+
+    Raises:
+        InputError: a line lacks ``query_id`` or a ``doc_id``/``doc_ids``.
+    """
+    out: dict[str, set[str]] = {}
+    for lineno, obj in _numbered(path, required=("query_id",)):
+        docs = obj.get("doc_ids", [obj["doc_id"]] if "doc_id" in obj else None)
+        if not isinstance(docs, list) or not docs:
+            raise InputError(f"{path}:{lineno}: needs 'doc_id' (a string) or 'doc_ids' (a non-empty list)")
+        relevance = obj.get("relevance", 1)
+        if not isinstance(relevance, (int, float)) or isinstance(relevance, bool):
+            raise InputError(f"{path}:{lineno}: 'relevance' must be a number, got {relevance!r}")
+        judged = out.setdefault(str(obj["query_id"]), set())
+        if relevance > 0:
+            judged.update(str(d) for d in docs)
+    return out
+
+
+def _numbered(path: str | Path, required: Sequence[str] = ()) -> list[tuple[int, dict[str, Any]]]:
+    """Objects of a JSONL file with their 1-based line numbers (for error messages)."""
+    p = Path(path)
+    objects = read_jsonl(p, required)
+    # read_jsonl skips blank lines; recover line numbers the same way it counted them.
+    lines = [i for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1) if line.strip()]
+    return list(zip(lines, objects))
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return 0.0
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def evaluate_retrieval(
+    retriever: Retriever,
+    queries_path: str | Path,
+    qrels_path: str | Path,
+    k: int = 10,
+    modes: Sequence[str] = ("hybrid",),
+    *,
+    fusion: str | None = None,
+    batch_size: int = 64,
+    oversample: int = 3,
+    latency_samples: int = 20,
+) -> dict[str, Any]:
+    """Measure document-level retrieval quality and latency for each search mode.
+
+    Args:
+        retriever: An open retriever (its reranker, if any, is used).
+        queries_path: Queries JSONL.
+        qrels_path: Qrels JSONL.
+        k: Metric depth: recall at 1, 5 and ``k`` (those ``<= k``), MRR and nDCG at ``k``.
+        modes: Search modes to evaluate (``dense``, ``sparse``, ``hybrid``).
+        fusion: Hybrid fusion (default ``retrieval.fusion``).
+        batch_size: Queries per batched search.
+        oversample: Chunks fetched per document slot (``k * oversample`` chunks per query),
+            so that ``k`` distinct documents are usually found.
+        latency_samples: Queries searched one at a time (after a warm-up) to measure latency.
+
+    Returns:
+        ``{"k", "queries", "unjudged", "missing_queries", "modes": {mode: metrics}}`` where
+        each mode's metrics hold ``recall@1``, ``recall@5``, ``recall@10``, ``mrr@10``,
+        ``ndcg@10`` (for ``k=10``), ``queries``, ``latency_p50_ms`` (single query, end to
+        end) and ``batch_ms_per_query`` (batched search time per query).
+
+    Raises:
+        InputError: bad files, unknown mode, ``k < 1``, or no query has judgements.
+    """
+    if k < 1:
+        raise InputError(f"k must be at least 1, got {k}")
+    for mode in modes:
+        if mode not in MODES:
+            raise InputError(f"unknown search mode '{mode}'; allowed: {', '.join(MODES)}")
+    queries = read_queries(queries_path)
+    qrels = {q: docs for q, docs in read_qrels(qrels_path).items() if docs}
+    judged = [q for q in queries if q in qrels]
+    missing = sorted(set(qrels) - set(queries))
+    if missing:
+        log.warning("%d judged query id(s) have no query text in %s: %s", len(missing), queries_path, missing[:5])
+    if not judged:
+        raise InputError(f"no query in {queries_path} has a judgement in {qrels_path}: check the query ids")
+    ks = tuple(sorted({c for c in (1, 5, 10) if c <= k} | {k}))
+    fetch = min(1000, k * max(1, oversample))
+    texts = [queries[q] for q in judged]
+
+    retriever.warm_up()
+    results: dict[str, Any] = {}
+    for mode in modes:
+        runs: dict[str, list[str]] = {}
+        batch_seconds = 0.0
+        for start in range(0, len(judged), batch_size):
+            ids = judged[start : start + batch_size]
+            t0 = time.perf_counter()
+            found = retriever.search_batch(texts[start : start + batch_size], k=fetch, mode=mode, fusion=fusion)
+            batch_seconds += time.perf_counter() - t0
+            for qid, res in zip(ids, found):
+                runs[qid] = dedupe_doc_ranking(h.doc_id for h in res.hits)
+        # Only judged queries are searched; qrels without a query stay out of the mean too
+        # (they are reported as missing_queries instead of scoring 0).
+        metrics: dict[str, Any] = dict(evaluate_rankings(runs, {q: qrels[q] for q in judged}, ks=ks))
+        metrics.pop("skipped", None)
+        metrics.pop("missing_runs", None)
+        latencies = []
+        for text in texts[: max(0, latency_samples)]:
+            t0 = time.perf_counter()
+            retriever.search(text, k=fetch, mode=mode, fusion=fusion)
+            latencies.append((time.perf_counter() - t0) * 1000.0)
+        metrics["latency_p50_ms"] = round(_percentile(latencies, 50), 3)
+        metrics["batch_ms_per_query"] = round(batch_seconds * 1000.0 / len(judged), 3)
+        results[mode] = metrics
+    return {
+        "k": k,
+        "chunks_fetched": fetch,
+        "queries": len(judged),
+        "unjudged": len(queries) - len(judged),
+        "missing_queries": len(missing),
+        "modes": results,
+    }

@@ -1,0 +1,899 @@
+"""Generation backend: a transformers causal LM behind a small, typed API.
+
+:class:`Generator` resolves ``GeneratorConfig.model`` through the model registry (registry name,
+local Hugging Face folder, or GGUF file that transformers dequantizes), optionally merges a LoRA
+adapter, and decodes with a hand-written loop over the model's KV cache rather than
+``model.generate``:
+
+* one loop serves :meth:`~Generator.generate`, :meth:`~Generator.stream`,
+  :meth:`~Generator.generate_batch` and fused (FiD) decoding, so streamed deltas are exactly the
+  generated text and the fused step of the FiD reader is a few lines, not a logits-processor hack;
+* streaming needs no thread and no queue (``TextIteratorStreamer`` runs ``generate`` in a thread
+  and hands every token across a queue);
+* each step is one forward over the new token, one argmax (or sample) and one windowed
+  detokenization — no per-token work that grows with the sequence — so throughput matches
+  ``model.generate`` (see ``benchmarks/RESULTS-generation.md``).
+
+The loop needs a decoder-only model that takes ``attention_mask`` and ``position_ids`` with a
+KV cache, which covers the usual families (Llama, Mistral, Qwen, Gemma, Phi, SmolLM, ...).
+Batches are left-padded; positions come from the attention mask as in ``model.generate``.
+
+Torch and transformers are imported on first use, so importing this module stays cheap (the CLI
+imports it to build its commands).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import threading
+import time
+from collections.abc import Generator as PyGenerator
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+
+from ragops.config import GeneratorConfig
+from ragops.errors import ConfigError, InputError, ModelNotFoundError
+from ragops.model_registry import ModelSpec, resolve_model
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, str]
+FinishReason = Literal["stop", "length"]
+Fusion = Literal["mixture", "product"]
+ROLES = ("system", "user", "assistant")
+FUSIONS = ("mixture", "product")
+#: Context window assumed when neither the model config nor the tokenizer states one.
+DEFAULT_CONTEXT_TOKENS = 2048
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationTimings:
+    """Wall-clock timings of one generation.
+
+    Attributes:
+        time_to_first_token_s: From the call to the first generated token (prompt encoding and
+            prefill included).
+        total_s: From the call to the end of this sequence's generation.
+        tokens_per_s: Decode speed, the prefill excluded (like llama.cpp's "eval" rate):
+            ``(completion_tokens - 1) / (total_s - time_to_first_token_s)``; with a single
+            token, ``completion_tokens / total_s``.
+    """
+
+    time_to_first_token_s: float
+    total_s: float
+    tokens_per_s: float
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The outcome of one generated sequence.
+
+    Attributes:
+        text: Generated text, stop sequence and special tokens removed.
+        finish_reason: ``'stop'`` (end-of-sequence token or stop sequence) or ``'length'``
+            (``max_new_tokens`` reached).
+        prompt_tokens: Prompt tokens after truncation (for fused decoding: summed over prompts).
+        completion_tokens: Generated tokens, the one that ended generation included.
+        timings: See :class:`GenerationTimings`.
+        source_logprobs: Fused decoding only: log-likelihood of the generated tokens under each
+            fused prompt, in prompt order (the FiD reader attributes citations with it).
+    """
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    timings: GenerationTimings
+    source_logprobs: list[float] | None = None
+
+
+class ResultStream(Iterator[str], Generic[T]):
+    """Text deltas of a generation; its final result is available once exhausted.
+
+    Iterate it for the deltas (they concatenate to the final text), then read :attr:`result`.
+    :meth:`close` stops generation early (a client that went away); the result is then unset.
+    """
+
+    def __init__(self, gen: PyGenerator[str, None, T]) -> None:
+        self._gen = gen
+        self._result: T | None = None
+        self._done = False
+
+    def __iter__(self) -> ResultStream[T]:
+        return self
+
+    def __next__(self) -> str:
+        if self._done:
+            raise StopIteration
+        try:
+            return next(self._gen)
+        except StopIteration as stop:
+            self._done = True
+            self._result = stop.value
+            raise StopIteration from None
+
+    @property
+    def done(self) -> bool:
+        """Whether the stream has ended (exhausted or closed)."""
+        return self._done
+
+    @property
+    def result(self) -> T:
+        """The final result; only after the stream was iterated to its end."""
+        if not self._done or self._result is None:
+            raise RuntimeError("the stream has not finished: iterate it to the end first")
+        return self._result
+
+    def collect(self) -> T:
+        """Consume the remaining deltas and return the result."""
+        for _ in self:
+            pass
+        return self.result
+
+    def close(self) -> None:
+        """Stop generating; frees the KV cache held by the suspended loop."""
+        self._gen.close()
+        self._done = True
+
+
+# ---------------------------------------------------------------------------------------
+# Model and adapter resolution
+# ---------------------------------------------------------------------------------------
+
+
+def resolve_adapter(ref: str | Path) -> Path:
+    """Return the folder of a LoRA adapter.
+
+    For now ``ref`` must be a path to a folder written by peft's ``save_pretrained`` (holding
+    ``adapter_config.json``); resolving adapter names through the artifact registry comes later
+    and will plug in here.
+
+    Raises:
+        ModelNotFoundError: the path does not exist or is not a peft adapter folder.
+    """
+    path = Path(ref).expanduser()
+    if path.is_file() and path.name == "adapter_config.json":
+        path = path.parent
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return path
+    if path.exists():
+        raise ModelNotFoundError(
+            f"LoRA adapter '{ref}': {path} holds no adapter_config.json; point generator.adapter at the "
+            "folder written by peft's save_pretrained"
+        )
+    raise ModelNotFoundError(
+        f"LoRA adapter '{ref}' not found: generator.adapter takes the path of a folder holding "
+        "adapter_config.json and the adapter weights (adapter names are not resolved yet)"
+    )
+
+
+def resolve_device(name: str) -> str:
+    """Map ``'auto'`` to ``'cuda'`` when a GPU is visible, else ``'cpu'``; check CUDA requests.
+
+    Raises:
+        ConfigError: a CUDA device was asked for and none is available.
+    """
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"generator.device is '{name}' but no CUDA device is available; use 'cpu' or 'auto'")
+    return name
+
+
+def _locate(spec: ModelSpec) -> Path:
+    try:
+        return spec.locate()
+    except ModelNotFoundError as exc:
+        # The registry's offline hint names the embedder's key; say which key to set here.
+        raise ModelNotFoundError(str(exc).replace("embedder.model", "generator.model")) from None
+
+
+# ---------------------------------------------------------------------------------------
+# Per-sequence decoding state
+# ---------------------------------------------------------------------------------------
+
+
+class _IncrementalDecoder:
+    """Token ids → text deltas without re-decoding the whole sequence at every step.
+
+    Decodes a short window (the previous delta's tokens plus the new ones) and keeps what the new
+    tokens add, which also gets word-initial spaces right for SentencePiece tokenizers. A trailing
+    U+FFFD means a UTF-8 character split across byte-level tokens: wait for the next token.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+        self.ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix_text = self._decode(self.ids[self._prefix : self._read])
+        new_text = self._decode(self.ids[self._prefix :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.ids)
+            return new_text[len(prefix_text) :]
+        return ""
+
+    def flush(self) -> str:
+        prefix_text = self._decode(self.ids[self._prefix : self._read])
+        new_text = self._decode(self.ids[self._prefix :])
+        self._prefix = self._read = len(self.ids)
+        return new_text[len(prefix_text) :]
+
+
+class _Sequence:
+    """One output sequence: its text, stop-sequence handling and what has been streamed."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str], max_tokens: int, prompt_tokens: int) -> None:
+        self.decoder = _IncrementalDecoder(tokenizer)
+        self.stop = tuple(s for s in stop if s)
+        self._max_stop = max((len(s) for s in self.stop), default=0)
+        self.max_tokens = max_tokens
+        self.prompt_tokens = prompt_tokens
+        self.text = ""
+        self.emitted = 0
+        self.n_tokens = 0
+        self.finish_reason: FinishReason | None = None
+        self.finished_at = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, token_id: int, is_eos: bool) -> str:
+        """Add one generated token; return the text that is now safe to stream."""
+        self.n_tokens += 1
+        if is_eos:
+            return self._finish("stop", self.decoder.flush())
+        delta = self.decoder.push(token_id)
+        if delta and self._append(delta):
+            return self._release(final=True)
+        if self.n_tokens >= self.max_tokens:
+            return self._finish("length", self.decoder.flush())
+        return self._release(final=False)
+
+    def _append(self, delta: str) -> bool:
+        """Append text; True when it completed a stop sequence (text then cut before it)."""
+        # Only a stop string that overlaps the new text can be new.
+        start = max(0, len(self.text) - self._max_stop + 1)
+        self.text += delta
+        hits = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.finish_reason = "stop"
+            return True
+        return False
+
+    def _finish(self, reason: FinishReason, tail: str) -> str:
+        if not (tail and self._append(tail)):
+            self.finish_reason = reason
+        return self._release(final=True)
+
+    def _release(self, *, final: bool) -> str:
+        # Hold back a suffix that may be the start of a stop string, so streamed text never
+        # contains (part of) a stop sequence that the final text trims.
+        end = len(self.text) if final else len(self.text) - self._held_back()
+        out = self.text[self.emitted : end]
+        self.emitted = max(self.emitted, end)
+        return out
+
+    def _held_back(self) -> int:
+        for k in range(min(self._max_stop - 1, len(self.text)), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self.stop):
+                return k
+        return 0
+
+
+@dataclass
+class _Options:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+    seed: int
+    min_new_tokens: int
+
+
+@dataclass
+class _RunStats:
+    t0: float
+    first_token_at: float | None = None
+    source_logprobs: list[float] | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# The generator
+# ---------------------------------------------------------------------------------------
+
+
+class Generator:
+    """A transformers causal LM: chat prompts in, text (or text deltas) out.
+
+    Settings are read in the constructor; the model loads in :meth:`warm_up`, which every other
+    method calls on first use. Not meant to be shared across threads while generating (one
+    Ray Serve replica owns one generator and batches requests with :meth:`generate_batch`).
+
+    Args:
+        cfg: Generator settings (model, adapter, device, dtype, sampling defaults).
+
+    Example:
+        >>> gen = Generator(GeneratorConfig(max_new_tokens=32))
+        >>> gen.generate([{"role": "user", "content": "Say hi"}]).text  # doctest: +SKIP
+    """
+
+    def __init__(self, cfg: GeneratorConfig | None = None) -> None:
+        self.cfg = cfg or GeneratorConfig()
+        self.spec: ModelSpec | None = None
+        self.device: str | None = None
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._lock = threading.Lock()
+        self._eos_ids: frozenset[int] = frozenset()
+        self._pad_id = 0
+        self._cache_arg = "cache"
+        self._logits_to_keep = False
+        self._max_context = DEFAULT_CONTEXT_TOKENS
+
+    # -- loading -------------------------------------------------------------------------
+
+    @property
+    def loaded(self) -> bool:
+        """Whether :meth:`warm_up` has loaded the model."""
+        return self._model is not None
+
+    def warm_up(self) -> None:
+        """Resolve and load tokenizer, model and adapter (once; later calls return at once).
+
+        Raises:
+            ModelNotFoundError: unknown model, missing package or path, hub id not cached, or
+                weights/adapter that do not load.
+            ConfigError: a CUDA device was asked for and none is available.
+        """
+        if self._model is not None:
+            return
+        with self._lock:
+            if self._model is None:
+                self._load()
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        spec = resolve_model(self.cfg.model, kind="generator")
+        path = _locate(spec)
+        device = resolve_device(self.cfg.device)
+        if spec.gguf_file is None and path.is_dir() and not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"generator '{self.cfg.model}': {path} holds neither config.json nor a .gguf file"
+            )
+        extra = {"gguf_file": spec.gguf_file} if spec.gguf_file else {}
+        started = time.perf_counter()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), **extra)
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, self.cfg.dtype), **extra)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelNotFoundError(f"could not load generator '{self.cfg.model}' from {path}: {exc}") from exc
+        if self.cfg.adapter:
+            model = _merge_adapter(model, resolve_adapter(self.cfg.adapter))
+        model.to(device).eval()
+
+        params = inspect.signature(model.forward).parameters
+        # transformers 5.x renamed past_key_values to cache; accept both.
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._logits_to_keep = "logits_to_keep" in params
+        eos: set[int] = set()
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        for value in (gen_eos, tokenizer.eos_token_id):
+            if isinstance(value, int):
+                eos.add(value)
+            elif isinstance(value, (list, tuple)):
+                eos.update(int(v) for v in value)
+        self._eos_ids = frozenset(eos)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._pad_id = int(pad) if pad is not None else 0
+        self._max_context = _context_window(model.config, tokenizer)
+        self.spec, self.device, self._tokenizer, self._model = spec, device, tokenizer, model
+        log.info(
+            "generator %s loaded on %s (%s) in %.1f s%s",
+            self.cfg.model, device, self.cfg.dtype, time.perf_counter() - started,
+            f" with adapter {self.cfg.adapter}" if self.cfg.adapter else "",
+        )
+
+    @property
+    def model(self) -> Any:
+        """The loaded transformers model (loads it on first access)."""
+        self.warm_up()
+        return self._model
+
+    @property
+    def tokenizer(self) -> Any:
+        """The loaded tokenizer (loads the generator on first access)."""
+        self.warm_up()
+        return self._tokenizer
+
+    @property
+    def max_context_tokens(self) -> int:
+        """The model's context window in tokens (prompt plus generated tokens)."""
+        self.warm_up()
+        return self._max_context
+
+    # -- text helpers --------------------------------------------------------------------
+
+    def count_tokens(self, text: str) -> int:
+        """Number of tokens ``text`` encodes to (no special tokens added)."""
+        self.warm_up()
+        return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def truncate_text(self, text: str, max_tokens: int) -> str:
+        """Keep the first ``max_tokens`` tokens of ``text``."""
+        self.warm_up()
+        ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= max_tokens else self._tokenizer.decode(ids[:max_tokens])
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *, tokenize: bool = False) -> str | list[int]:
+        """Render chat messages as the model's prompt, generation prompt appended.
+
+        Models without a chat template get a plain ``role: content`` transcript.
+
+        Args:
+            messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
+            tokenize: Return token ids instead of text.
+
+        Raises:
+            InputError: malformed messages.
+        """
+        self.warm_up()
+        msgs = _validate_messages(messages)
+        return self._encode(msgs) if tokenize else self._render(msgs)
+
+    def _render(self, msgs: list[Message]) -> str:
+        if self._tokenizer.chat_template:
+            return self._tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return "".join(f"{m['role']}: {m['content']}\n\n" for m in msgs) + "assistant:"
+
+    def _encode(self, msgs: list[Message]) -> list[int]:
+        # A chat template writes its own BOS; a plain transcript needs the tokenizer's.
+        special = not self._tokenizer.chat_template
+        return list(self._tokenizer(self._render(msgs), add_special_tokens=special)["input_ids"])
+
+    # -- public generation API -----------------------------------------------------------
+
+    def generate(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: Sequence[str] | str | None = None,
+        seed: int | None = None,
+        min_new_tokens: int = 0,
+    ) -> GenerationResult:
+        """Generate a reply to a chat.
+
+        Args:
+            messages: Chat messages (see :meth:`apply_chat_template`).
+            max_new_tokens: Token budget of the reply; None takes ``cfg.max_new_tokens``.
+            temperature: 0 is greedy and deterministic; above 0 samples. None takes the config's.
+            top_p: Nucleus sampling mass (sampling only). None takes the config's.
+            stop: Stop sequences: generation ends as soon as the text contains one, which is
+                trimmed from the result. None takes ``cfg.stop``.
+            seed: Seed of the sampler's own ``torch.Generator``; None takes ``cfg.seed``. The
+                same seed and inputs give the same sample.
+            min_new_tokens: Suppress end-of-sequence before this many tokens (benchmarks use it
+                to force equal lengths; stop sequences still apply).
+
+        Returns:
+            The generated text with finish reason, token counts and timings.
+
+        Raises:
+            InputError: malformed messages or options.
+        """
+        return self.stream(
+            messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            stop=stop, seed=seed, min_new_tokens=min_new_tokens,
+        ).collect()
+
+    def stream(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: Sequence[str] | str | None = None,
+        seed: int | None = None,
+        min_new_tokens: int = 0,
+    ) -> ResultStream[GenerationResult]:
+        """Like :meth:`generate`, but yields text deltas as they are decoded.
+
+        The prompt is checked and encoded at once (errors raise here); decoding runs as the
+        stream is iterated. The deltas concatenate to ``stream.result.text``, and a held-back
+        partial stop sequence is never streamed.
+        """
+        t0 = time.perf_counter()
+        self.warm_up()
+        opts = self._options(max_new_tokens, temperature, top_p, stop, seed, min_new_tokens)
+        ids, max_new = self._prepare(messages, opts.max_new_tokens)
+        seq = _Sequence(self._tokenizer, opts.stop, max_new, len(ids))
+
+        def run() -> PyGenerator[str, None, GenerationResult]:
+            stats = _RunStats(t0)
+            for deltas in self._decode([ids], [seq], opts, stats, fusion=None):
+                if deltas[0]:
+                    yield deltas[0]
+            return _result(seq, stats)
+
+        return ResultStream(run())
+
+    def generate_batch(
+        self,
+        batch: Sequence[Sequence[Mapping[str, str]]],
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: Sequence[str] | str | None = None,
+        seed: int | None = None,
+        min_new_tokens: int = 0,
+    ) -> list[GenerationResult]:
+        """Generate replies to several chats in one left-padded batch.
+
+        Each sequence stops on its own (finished rows are fed padding until all end). At
+        temperature 0 every reply equals :meth:`generate` on that chat alone. With sampling the
+        batch shares one seeded sampler, so a row's sample depends on the batch it ran in.
+
+        Args:
+            batch: One message list per reply.
+            max_new_tokens, temperature, top_p, stop, seed, min_new_tokens: As in :meth:`generate`.
+
+        Returns:
+            One result per chat, in order; ``total_s`` is when that row finished.
+        """
+        t0 = time.perf_counter()
+        self.warm_up()
+        if not batch:
+            return []
+        opts = self._options(max_new_tokens, temperature, top_p, stop, seed, min_new_tokens)
+        prepared = [self._prepare(messages, opts.max_new_tokens) for messages in batch]
+        seqs = [_Sequence(self._tokenizer, opts.stop, n, len(ids)) for ids, n in prepared]
+        stats = _RunStats(t0)
+        for _ in self._decode([ids for ids, _ in prepared], seqs, opts, stats, fusion=None):
+            pass
+        return [_result(seq, stats) for seq in seqs]
+
+    def stream_fused(
+        self,
+        batch: Sequence[Sequence[Mapping[str, str]]],
+        *,
+        fusion: Fusion = "mixture",
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: Sequence[str] | str | None = None,
+        seed: int | None = None,
+        min_new_tokens: int = 0,
+    ) -> ResultStream[GenerationResult]:
+        """Decode ONE reply from several prompts by fusing their next-token distributions.
+
+        Each prompt is prefilled independently (a left-padded batch, one KV cache row each);
+        at every step the rows' log-probabilities are fused, one token is chosen and appended to
+        every row. This is the decoding half of the FiD reader.
+
+        Args:
+            batch: The prompts (one message list each, e.g. one per passage).
+            fusion: ``'mixture'`` averages probabilities (``log mean_p p_p``; a confident row
+                wins, RAG-Token style); ``'product'`` averages log-probabilities (every row
+                must agree).
+            max_new_tokens, temperature, top_p, stop, seed, min_new_tokens: As in :meth:`generate`.
+
+        Returns:
+            A stream whose result has ``source_logprobs``: the reply's log-likelihood under each
+            prompt.
+
+        Raises:
+            InputError: empty batch, unknown fusion, malformed messages or options.
+        """
+        t0 = time.perf_counter()
+        self.warm_up()
+        if not batch:
+            raise InputError("fused decoding needs at least one prompt")
+        if fusion not in FUSIONS:
+            raise InputError(f"unknown fusion '{fusion}'; allowed: {', '.join(FUSIONS)}")
+        opts = self._options(max_new_tokens, temperature, top_p, stop, seed, min_new_tokens)
+        prepared = [self._prepare(messages, opts.max_new_tokens) for messages in batch]
+        max_new = min(n for _, n in prepared)
+        seq = _Sequence(self._tokenizer, opts.stop, max_new, sum(len(ids) for ids, _ in prepared))
+
+        def run() -> PyGenerator[str, None, GenerationResult]:
+            stats = _RunStats(t0)
+            for deltas in self._decode([ids for ids, _ in prepared], [seq], opts, stats, fusion=fusion):
+                if deltas[0]:
+                    yield deltas[0]
+            return _result(seq, stats)
+
+        return ResultStream(run())
+
+    def generate_fused(
+        self, batch: Sequence[Sequence[Mapping[str, str]]], *, fusion: Fusion = "mixture", **kwargs: Any
+    ) -> GenerationResult:
+        """:meth:`stream_fused`, collected."""
+        return self.stream_fused(batch, fusion=fusion, **kwargs).collect()
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _options(
+        self,
+        max_new_tokens: int | None,
+        temperature: float | None,
+        top_p: float | None,
+        stop: Sequence[str] | str | None,
+        seed: int | None,
+        min_new_tokens: int,
+    ) -> _Options:
+        cfg = self.cfg
+        opts = _Options(
+            max_new_tokens=cfg.max_new_tokens if max_new_tokens is None else int(max_new_tokens),
+            temperature=cfg.temperature if temperature is None else float(temperature),
+            top_p=cfg.top_p if top_p is None else float(top_p),
+            stop=list(cfg.stop) if stop is None else ([stop] if isinstance(stop, str) else list(stop)),
+            seed=cfg.seed if seed is None else int(seed),
+            min_new_tokens=int(min_new_tokens),
+        )
+        if opts.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1 (got {opts.max_new_tokens})")
+        if opts.temperature < 0:
+            raise InputError(f"temperature must be >= 0 (got {opts.temperature})")
+        if not 0 < opts.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1] (got {opts.top_p})")
+        if not all(isinstance(s, str) for s in opts.stop):
+            raise InputError("stop must be a string or a list of strings")
+        return opts
+
+    def _prepare(self, messages: Sequence[Mapping[str, str]], max_new: int) -> tuple[list[int], int]:
+        """Encode a chat; fit prompt plus reply into the context window."""
+        msgs = _validate_messages(messages)
+        ids = self._encode(msgs)
+        limit = self._max_context
+        if len(ids) + max_new <= limit:
+            return ids, max_new
+        # The reply's budget gives way first, down to half the window; then the prompt is cut.
+        if max_new > limit // 2:
+            capped = max(limit - len(ids), limit // 2)
+            if capped < max_new:
+                log.warning("max_new_tokens %d capped to %d to fit the %d-token context window", max_new, capped, limit)
+                max_new = capped
+        budget = limit - max_new
+        if len(ids) > budget:
+            ids = self._truncate_prompt(msgs, ids, budget)
+        return ids, max_new
+
+    def _truncate_prompt(self, msgs: list[Message], ids: list[int], budget: int) -> list[int]:
+        """Cut the oldest non-system content from its left until the prompt fits ``budget``.
+
+        Working on message contents (not raw tokens) keeps the chat template's structure and the
+        system prompt intact; in a RAG prompt the passages come first and the question last, so
+        passage text goes and the question stays.
+        """
+        original = len(ids)
+        msgs = [dict(m) for m in msgs]
+        for _ in range(8):  # re-tokenizing a cut can differ by a token or two: a few rounds
+            over = len(ids) - budget
+            if over <= 0:
+                break
+            i = next((k for k, m in enumerate(msgs) if m["role"] != "system" and m["content"]), None)
+            if i is None:
+                break
+            content = self._tokenizer(msgs[i]["content"], add_special_tokens=False)["input_ids"]
+            keep = max(len(content) - over - 1, 0)
+            msgs[i]["content"] = self._tokenizer.decode(content[len(content) - keep :]) if keep else ""
+            ids = self._encode(msgs)
+        if len(ids) > budget:  # the system prompt alone is too long: plain left cut
+            ids = ids[-budget:]
+        log.warning(
+            "prompt of %d tokens exceeds its budget of %d (context window %d minus the reply's tokens); "
+            "truncated from the left of the context to %d tokens",
+            original, budget, self._max_context, len(ids),
+        )
+        return ids
+
+    def _decode(
+        self,
+        prompts: list[list[int]],
+        seqs: list[_Sequence],
+        opts: _Options,
+        stats: _RunStats,
+        fusion: Fusion | None,
+    ) -> Iterator[list[str]]:
+        """The decoding loop: yields, per step, each sequence's new streamable text.
+
+        Without fusion there is one sequence per prompt row. With fusion there is one sequence
+        and every row is fed the same chosen token, so each keeps its own valid cache/positions.
+        """
+        import torch
+
+        rows = len(prompts)
+        ids, mask = self._pad_left(prompts)
+        # Left padding: positions count real tokens only, as model.generate does.
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        sampler = None
+        if opts.temperature > 0:
+            sampler = torch.Generator(device=self.device)
+            sampler.manual_seed(opts.seed)
+        logits, cache = self._forward(ids, mask, pos, None)
+        source_lp = [0.0] * rows if fusion else None
+        step = 0
+        while True:
+            block_eos = step < opts.min_new_tokens
+            if fusion:
+                token, row_lp = self._pick_fused(logits, fusion, opts, sampler, block_eos)
+                source_lp = [a + b for a, b in zip(source_lp, row_lp)]  # type: ignore[arg-type]
+                stats.source_logprobs = source_lp
+                tokens = [token]
+            else:
+                tokens = self._pick(logits, opts, sampler, block_eos).tolist()
+            now = time.perf_counter()
+            if stats.first_token_at is None:
+                stats.first_token_at = now
+            deltas = []
+            for seq, tok in zip(seqs, tokens):
+                if seq.done:
+                    deltas.append("")
+                    continue
+                deltas.append(seq.push(tok, tok in self._eos_ids))
+                if seq.done:
+                    seq.finished_at = now
+            yield deltas
+            if all(seq.done for seq in seqs):
+                return
+            step += 1
+            if fusion:
+                feed = [[tokens[0]]] * rows
+            else:
+                feed = [[self._pad_id if seq.done else tok] for seq, tok in zip(seqs, tokens)]
+            next_ids = torch.tensor(feed, dtype=torch.long, device=self.device)
+            mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=-1)
+            pos = pos[:, -1:] + 1
+            logits, cache = self._forward(next_ids, mask, pos, cache)
+
+    def _pad_left(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        """One forward pass; returns float32 logits of the last position and the cache."""
+        import torch
+
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "use_cache": True}
+        if cache is not None:
+            kwargs[self._cache_arg] = cache
+        if self._logits_to_keep:
+            # Prefill: skip the vocabulary projection of every prompt position but the last.
+            kwargs["logits_to_keep"] = 1
+        with torch.inference_mode():
+            out = self._model(**kwargs)
+            return out.logits[:, -1, :].float(), out.get(self._cache_arg)
+
+    def _pick(self, logits: torch.Tensor, opts: _Options, sampler: Any, block_eos: bool) -> torch.Tensor:
+        """Greedy argmax at temperature 0, else temperature + nucleus sampling."""
+        import torch
+
+        with torch.inference_mode():
+            if block_eos and self._eos_ids:
+                logits = logits.clone()
+                logits[:, list(self._eos_ids)] = -math.inf
+            if opts.temperature <= 0:
+                return logits.argmax(-1)
+            scaled = logits / opts.temperature
+            if opts.top_p < 1.0:
+                sorted_logits, order = scaled.sort(-1, descending=True)
+                probs = sorted_logits.softmax(-1)
+                # Drop a token once the mass before it already reaches top_p (keeps >= 1 token).
+                drop = (probs.cumsum(-1) - probs) >= opts.top_p
+                sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
+                scaled = torch.full_like(scaled, -math.inf).scatter(-1, order, sorted_logits)
+            return torch.multinomial(scaled.softmax(-1), 1, generator=sampler).squeeze(-1)
+
+    def _pick_fused(
+        self, logits: torch.Tensor, fusion: Fusion, opts: _Options, sampler: Any, block_eos: bool
+    ) -> tuple[int, list[float]]:
+        """Fuse the rows' next-token distributions, pick one token; per-row log-prob of it."""
+        import torch
+
+        with torch.inference_mode():
+            logp = logits.log_softmax(-1)
+            if fusion == "mixture":
+                fused = logp.logsumexp(0) - math.log(logp.shape[0])
+            else:
+                fused = logp.mean(0)
+            token = int(self._pick(fused[None], opts, sampler, block_eos)[0])
+            return token, logp[:, token].tolist()
+
+
+def _merge_adapter(model: Any, path: Path) -> Any:
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(path))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelNotFoundError(f"could not load LoRA adapter from {path}: {exc}") from exc
+    # Merged into the weights so decoding runs at the base model's speed (no extra LoRA matmuls
+    # per layer). Switching adapters means loading another generator.
+    return peft_model.merge_and_unload()
+
+
+def _context_window(config: Any, tokenizer: Any) -> int:
+    limits = []
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            limits.append(value)
+            break
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    # Tokenizers without a limit report a huge sentinel (int(1e30)).
+    if isinstance(tok_max, int) and 0 < tok_max < 10_000_000:
+        limits.append(tok_max)
+    return min(limits) if limits else DEFAULT_CONTEXT_TOKENS
+
+
+def _validate_messages(messages: Sequence[Mapping[str, str]]) -> list[Message]:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise InputError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    out: list[Message] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+            raise InputError(f"message {i}: expected a dict with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise InputError(f"message {i}: unknown role '{m['role']}'; allowed: {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise InputError(f"message {i}: content must be a string")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _result(seq: _Sequence, stats: _RunStats) -> GenerationResult:
+    end = seq.finished_at or time.perf_counter()
+    first = stats.first_token_at if stats.first_token_at is not None else end
+    total = end - stats.t0
+    decode = end - first
+    if seq.n_tokens > 1 and decode > 0:
+        tps = (seq.n_tokens - 1) / decode
+    else:
+        tps = seq.n_tokens / total if total > 0 else 0.0
+    return GenerationResult(
+        text=seq.text,
+        finish_reason=seq.finish_reason or "length",
+        prompt_tokens=seq.prompt_tokens,
+        completion_tokens=seq.n_tokens,
+        timings=GenerationTimings(time_to_first_token_s=first - stats.t0, total_s=total, tokens_per_s=tps),
+        source_logprobs=list(stats.source_logprobs) if stats.source_logprobs is not None else None,
+    )
