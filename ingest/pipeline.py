@@ -15,6 +15,7 @@ write and the per-document outcome for the summary, without materializing anythi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -59,6 +60,7 @@ def pipeline_fingerprint(settings: Settings) -> str:
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=4)
 def load_tokenizer(model: str) -> Any:
     """The embedder's tokenizer alone (chunking needs no model weights)."""
     from transformers import AutoTokenizer
@@ -86,6 +88,10 @@ class LoadChunkStage:
         self.indexed = set(known) if indexed is None else indexed
         self.pipeline_fp = pipeline_fingerprint(settings)
         self._chunker: Chunker | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Ship config and the known-document map, never a loaded tokenizer.
+        return {**self.__dict__, "_chunker": None}
 
     @property
     def chunker(self) -> Chunker:
@@ -236,8 +242,9 @@ def open_collection(settings: Settings, collection: str | None = None) -> tuple[
     """Open the store and make sure the collection exists and matches the embedder."""
     from ragops.embeddings import TextEmbedder
 
-    store = open_store(settings.vectorstore, settings.data_dir, collection)
     model = resolve_model(settings.embedder.model, kind="embedder")
+    model.locate()  # fail fast (and before creating anything) when the weights are not here
+    store = open_store(settings.vectorstore, settings.data_dir, collection)
     dim = model.dim or TextEmbedder(settings.embedder).dim
     spec = CollectionSpec(
         name=store.collection, dim=dim, embedder=settings.embedder.model, sparse=settings.ingest.sparse.enabled

@@ -2,10 +2,10 @@
 
 ::
 
-    from_items(files) ─map_batches(LoadChunkStage, actors)─▶ map_batches(EmbedStage, actor pool)
+    from_items(files) ─map_batches(LoadChunkStage, tasks)─▶ map_batches(EmbedStage, actor pool)
                       ─iter_batches─▶ driver ─▶ QdrantSink (single writer)
 
-Loading/chunking runs in a small actor pool (the tokenizer loads once per actor); embedding
+Loading/chunking runs as Ray tasks (the tokenizer is cached per worker process); embedding
 runs in an ``ActorPoolStrategy`` pool whose size, batch size and CPUs/GPUs per actor come
 from ``ingest.*`` config. Batches stream back to the driver as they finish, so the driver's
 memory does not grow with the corpus.
@@ -13,6 +13,7 @@ memory does not grow with the corpus.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -20,14 +21,45 @@ from typing import Any
 from ragops.config import Settings
 from ragops.ingest.embed import EmbedStage
 from ragops.ingest.loaders import SourceFile
-from ragops.raylocal import ensure_ray
+from ragops.errors import RagopsError
+from ragops.raylocal import ensure_ray, unwrap_ray_error
 
-#: CPU share of a load/chunk actor: tokenizing is light next to embedding.
-LOAD_ACTOR_CPUS = 0.25
+log = logging.getLogger(__name__)
+
+#: CPU share of a load/chunk task: reading and tokenizing are light next to embedding.
+LOAD_TASK_CPUS = 0.25
+
+
+def load_chunk_batch(batch: dict[str, Any], stage: Any) -> dict[str, Any]:
+    """Ray task body: run the (driver-built) load/chunk stage on one batch of files.
+
+    Tasks rather than an actor pool: the stage's only heavy state is the tokenizer, which
+    :func:`ragops.ingest.pipeline.load_tokenizer` caches per worker process, and Ray reuses
+    worker processes across tasks.
+    """
+    return stage(batch)
+
+
+def fit_actor_cpus(per_actor: float, actors: int, cluster_cpus: float) -> float:
+    """Shrink the embedding actors' CPU reservation so the load tasks can still be scheduled.
+
+    Without room for at least one load task, the actor pool would hold every CPU and wait
+    forever for input that no task can produce.
+    """
+    room = cluster_cpus - LOAD_TASK_CPUS
+    if per_actor * actors <= room:
+        return per_actor
+    fitted = max(0.1, room / actors)
+    log.warning(
+        "ingest.cpus_per_actor=%s x %s actors does not fit %s CPUs beside the load tasks; using %.2f per actor",
+        per_actor, actors, cluster_cpus, fitted,
+    )
+    return fitted
 
 
 def run_ray(settings: Settings, stage: Any, files: Sequence[SourceFile]) -> Iterator[dict[str, Any]]:
     """Run load/chunk and embed under Ray Data; yield embedded batches to the driver."""
+    import ray
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -35,15 +67,15 @@ def run_ray(settings: Settings, stage: Any, files: Sequence[SourceFile]) -> Iter
 
     ensure_ray(settings.ray)
     cfg = settings.ingest
+    cpus_per_actor = fit_actor_cpus(cfg.cpus_per_actor, cfg.embed_actors, ray.cluster_resources().get("CPU", 1.0))
     blocks = max(1, math.ceil(len(files) / cfg.docs_per_task))
     ds = ray.data.from_items(source_rows(files), override_num_blocks=blocks)
     ds = ds.map_batches(
-        type(stage),
-        fn_constructor_kwargs={"settings": stage.settings, "known": stage.known, "indexed": stage.indexed},
+        load_chunk_batch,
+        fn_kwargs={"stage": stage},
         batch_size=cfg.docs_per_task,
         batch_format="numpy",
-        compute=ActorPoolStrategy(size=1),
-        num_cpus=LOAD_ACTOR_CPUS,
+        num_cpus=LOAD_TASK_CPUS,
     )
     ds = ds.map_batches(
         EmbedStage,
@@ -55,7 +87,13 @@ def run_ray(settings: Settings, stage: Any, files: Sequence[SourceFile]) -> Iter
         batch_size=cfg.embed_batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=cfg.embed_actors),
-        num_cpus=cfg.cpus_per_actor,
+        num_cpus=cpus_per_actor,
         num_gpus=cfg.gpus_per_actor or None,
     )
-    yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    try:
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+    except Exception as exc:  # noqa: BLE001 - re-raise our own error, not Ray's wrapper
+        inner = unwrap_ray_error(exc)
+        if isinstance(inner, RagopsError):
+            raise inner from None
+        raise

@@ -21,7 +21,7 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     cfg = cfg or RayConfig()
     if not ray.is_initialized():
         address = cfg.address or os.environ.get("RAY_ADDRESS")
-        kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": False, "logging_level": logging.WARNING}
+        kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": False, "logging_level": logging.ERROR}
         if address:
             kwargs["address"] = address
         else:
@@ -31,9 +31,27 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
         ray.init(**kwargs)
     from ray.data import DataContext
 
+    # Ray Data configures its own loggers on import; keep them to errors in ragops' output.
+    for name in ("ray", "ray.data", "ray.serve", "ray.train"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
     ctx = DataContext.get_current()
     # ragops draws its own progress (documents, chunks, points/s); Ray's bars would interleave.
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     if hasattr(ctx, "enable_rich_progress_bars"):
         ctx.enable_rich_progress_bars = False
+
+
+def unwrap_ray_error(exc: BaseException) -> BaseException:
+    """The first :class:`RagopsError` in an exception's cause chain (Ray wraps user errors)."""
+    from ragops.errors import RagopsError
+
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, RagopsError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return exc

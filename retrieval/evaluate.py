@@ -1,12 +1,12 @@
 """Retrieval evaluation against relevance judgements (qrels).
 
-Inputs are two JSONL files:
+Inputs are two JSONL files (the format of ``samples/eval``):
 
-* queries — one object per line: ``{"id": "q1", "text": "how do I request a GPU?"}``
-  (``_id`` or ``query_id`` are accepted for ``id``, ``query`` for ``text``);
-* qrels — one judgement per line: ``{"query_id": "q1", "doc_id": "gpus/requests.md"}``,
-  optionally with ``"relevance"`` (judgements with relevance ``<= 0`` are ignored), or
-  several at once with ``"doc_ids": [...]``.
+* queries — one object per line: ``{"qid": "q1", "query": "how do I request a GPU?"}``
+  (``id``, ``_id`` or ``query_id`` are accepted for ``qid``, ``text`` for ``query``);
+* qrels — one judgement per line: ``{"qid": "q1", "doc_id": "gpus/requests.md"}``
+  (``query_id`` is accepted for ``qid``), optionally with ``"relevance"`` (judgements with
+  relevance ``<= 0`` are ignored), or several documents at once with ``"doc_ids": [...]``.
 
 Metrics are document-level (:mod:`ragops.retrieval.metrics`): chunk hits are collapsed to a
 document ranking, each document at its best chunk's position. Chunks are fetched with
@@ -30,8 +30,9 @@ from ragops.retrieval.search import MODES, Retriever
 
 log = logging.getLogger(__name__)
 
-_ID_ALIASES = ("id", "_id", "query_id")
-_TEXT_ALIASES = ("text", "query")
+_ID_ALIASES = ("qid", "id", "_id", "query_id")
+_QREL_ID_ALIASES = ("qid", "query_id")
+_TEXT_ALIASES = ("query", "text")
 
 
 def read_jsonl(path: str | Path, required_fields: Iterable[str] = ()) -> list[dict[str, Any]]:
@@ -50,6 +51,11 @@ def read_jsonl(path: str | Path, required_fields: Iterable[str] = ()) -> list[di
         InputError: the file is missing, or a line is not a JSON object or lacks a field;
             the message names the file and the line (``file.jsonl:3: ...``).
     """
+    return [obj for _, obj in _numbered(path, required_fields)]
+
+
+def _numbered(path: str | Path, required_fields: Iterable[str] = ()) -> list[tuple[int, dict[str, Any]]]:
+    """:func:`read_jsonl` with each object's 1-based line number (for later error messages)."""
     p = Path(path)
     try:
         raw = p.read_text(encoding="utf-8")
@@ -58,7 +64,7 @@ def read_jsonl(path: str | Path, required_fields: Iterable[str] = ()) -> list[di
     except UnicodeDecodeError as exc:
         raise InputError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     required = list(required_fields)
-    out: list[dict[str, Any]] = []
+    out: list[tuple[int, dict[str, Any]]] = []
     for lineno, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():
             continue
@@ -71,7 +77,7 @@ def read_jsonl(path: str | Path, required_fields: Iterable[str] = ()) -> list[di
         missing = [f for f in required if f not in obj]
         if missing:
             raise InputError(f"{p}:{lineno}: missing required field(s) {', '.join(repr(m) for m in missing)}")
-        out.append(obj)
+        out.append((lineno, obj))
     return out
 
 
@@ -90,9 +96,9 @@ def read_queries(path: str | Path) -> dict[str, str]:
         qid = _pick(obj, _ID_ALIASES)
         text = _pick(obj, _TEXT_ALIASES)
         if qid is None or isinstance(qid, (dict, list)):
-            raise InputError(f"{path}:{lineno}: missing required field 'id' (a string)")
+            raise InputError(f"{path}:{lineno}: missing required field 'qid' (the query id)")
         if not isinstance(text, str) or not text.strip():
-            raise InputError(f"{path}:{lineno}: missing or empty field 'text'")
+            raise InputError(f"{path}:{lineno}: missing or empty field 'query' (the query text)")
         if str(qid) in out:
             raise InputError(f"{path}:{lineno}: query id '{qid}' appears twice")
         out[str(qid)] = text
@@ -103,37 +109,23 @@ def read_qrels(path: str | Path) -> dict[str, set[str]]:
     """Query id → relevant document ids from a qrels JSONL file (see the module docstring).
 
     Raises:
-        InputError: a line lacks ``query_id`` or a ``doc_id``/``doc_ids``.
+        InputError: a line lacks ``qid`` or a ``doc_id``/``doc_ids``.
     """
     out: dict[str, set[str]] = {}
-    for lineno, obj in _numbered(path, required=("query_id",)):
+    for lineno, obj in _numbered(path):
+        qid = _pick(obj, _QREL_ID_ALIASES)
+        if qid is None or isinstance(qid, (dict, list)):
+            raise InputError(f"{path}:{lineno}: missing required field 'qid' (the query id)")
         docs = obj.get("doc_ids", [obj["doc_id"]] if "doc_id" in obj else None)
         if not isinstance(docs, list) or not docs:
             raise InputError(f"{path}:{lineno}: needs 'doc_id' (a string) or 'doc_ids' (a non-empty list)")
         relevance = obj.get("relevance", 1)
         if not isinstance(relevance, (int, float)) or isinstance(relevance, bool):
             raise InputError(f"{path}:{lineno}: 'relevance' must be a number, got {relevance!r}")
-        judged = out.setdefault(str(obj["query_id"]), set())
+        judged = out.setdefault(str(qid), set())
         if relevance > 0:
             judged.update(str(d) for d in docs)
     return out
-
-
-def _numbered(path: str | Path, required: Sequence[str] = ()) -> list[tuple[int, dict[str, Any]]]:
-    """Objects of a JSONL file with their 1-based line numbers (for error messages)."""
-    p = Path(path)
-    objects = read_jsonl(p, required)
-    # read_jsonl skips blank lines; recover line numbers the same way it counted them.
-    lines = [i for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1) if line.strip()]
-    return list(zip(lines, objects))
-
-
-def _percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return 0.0
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
 def evaluate_retrieval(
@@ -210,7 +202,7 @@ def evaluate_retrieval(
             t0 = time.perf_counter()
             retriever.search(text, k=fetch, mode=mode, fusion=fusion)
             latencies.append((time.perf_counter() - t0) * 1000.0)
-        metrics["latency_p50_ms"] = round(_percentile(latencies, 50), 3)
+        metrics["latency_p50_ms"] = round(statistics.median(latencies), 3) if latencies else 0.0
         metrics["batch_ms_per_query"] = round(batch_seconds * 1000.0 / len(judged), 3)
         results[mode] = metrics
     return {

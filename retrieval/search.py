@@ -262,12 +262,14 @@ class SearchFilters:
             raise InputError(f"{origin}: unknown filter key '{key}'; allowed: {', '.join(FILTER_KEYS)}")
 
     @staticmethod
-    def coerce(filters: SearchFilters | Mapping[str, Any] | Sequence[str] | None) -> SearchFilters:
-        """Accept filters as :class:`SearchFilters`, a mapping, ``key=value`` strings or None."""
+    def coerce(filters: SearchFilters | Mapping[str, Any] | Sequence[str] | str | None) -> SearchFilters:
+        """Accept filters as :class:`SearchFilters`, a mapping, ``key=value`` string(s) or None."""
         if filters is None:
             return SearchFilters()
         if isinstance(filters, SearchFilters):
             return filters
+        if isinstance(filters, str):
+            return SearchFilters.from_pairs([filters])
         if isinstance(filters, Mapping):
             return SearchFilters.from_dict(filters)
         if isinstance(filters, (list, tuple)) and all(isinstance(f, str) for f in filters):

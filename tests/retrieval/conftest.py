@@ -8,8 +8,12 @@ mutate them (build a new ``Generator`` for other settings; loading the tiny mode
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from ragops.retrieval.generation import Generator
 
 # ---------------------------------------------------------------------------------------
 # Tiny causal LM (generation, readers)
@@ -35,7 +39,7 @@ _CORPUS = [
 TINY_MAX_POSITIONS = 256
 
 
-def _train_tokenizer() -> object:
+def _train_tokenizer() -> Any:
     """A byte-level BPE tokenizer with a ChatML template, trained in ~50 ms."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -95,7 +99,7 @@ def tiny_llm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_generator(tiny_llm_dir: Path):
+def tiny_generator(tiny_llm_dir: Path) -> Generator:
     """A warmed-up Generator on the tiny model (shared: do not change its settings)."""
     from ragops.config import GeneratorConfig
     from ragops.retrieval.generation import Generator

@@ -285,26 +285,21 @@ def test_embedder_mismatch(corpus: dict[str, Any], tiny_embedder: Path) -> None:
     assert corpus["retriever"].search("zebrafish", mode="sparse").hits
 
 
-def test_sparse_search_needs_sparse_vectors(make_settings: Any, tmp_path: Path) -> None:
+def test_own_store_lifecycle_and_collection_without_sparse_vectors(make_settings: Any, tmp_path: Path) -> None:
+    # One fresh collection (creating an Edge shard costs ~1 s) serves both checks.
+    from ragops.vectorstore import open_store
+
     settings = make_settings("ingest.sparse.enabled=false")
     ingest(settings, write_corpus(tmp_path / "docs", {"a.md": "# A\n\nzebrafish text\n"}))
-    with Retriever(settings) as retriever:
+    retriever = Retriever(settings)
+    # Constructing the retriever opened nothing: the shard (and its lock) is still free.
+    with open_store(settings.vectorstore, settings.data_dir) as store:
+        assert store.count() == 1
+    with retriever:
         with pytest.raises(CollectionError, match="without BM25 sparse vectors"):
             retriever.search("zebrafish", mode="sparse")
         # Hybrid degrades to dense on such a collection.
         assert retriever.search("zebrafish", mode="hybrid").hits[0].doc_id == "a.md"
-
-
-def test_own_store_is_opened_lazily_and_released(make_settings: Any, tmp_path: Path) -> None:
-    from ragops.vectorstore import open_store
-
-    settings = make_settings()
-    ingest(settings, write_corpus(tmp_path / "docs", {"a.md": "# A\n\nzebrafish text\n"}))
-    retriever = Retriever(settings)
-    store = open_store(settings.vectorstore, settings.data_dir)  # free: nothing opened yet
-    store.close()
-    with retriever:
-        assert retriever.search("zebrafish", mode="sparse").hits[0].doc_id == "a.md"
     # The Edge lock is released on close: the shard opens again in this process.
     with open_store(settings.vectorstore, settings.data_dir) as again:
         assert again.count() == 1
