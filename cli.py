@@ -8,21 +8,28 @@ no traceback. Progress goes to stderr so ``--json`` output on stdout stays parse
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from ragops.config import Settings, dump_yaml, load_settings
-from ragops.errors import RagopsError
+from ragops.commands.common import (
+    CollectionOpt,
+    ConfigOpt,
+    DataDirOpt,
+    JsonOpt,
+    SetOpt,
+    emit_json,
+    err,
+    handle_errors,
+    out,
+    settings_from,
+)
+from ragops.config import dump_yaml
 
 app = typer.Typer(
     name="ragops",
@@ -38,54 +45,6 @@ config_app = typer.Typer(help="Show or validate configuration.", no_args_is_help
 app.add_typer(index_app, name="index")
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
-
-out = Console(soft_wrap=True)
-err = Console(stderr=True)
-
-# -- shared options ----------------------------------------------------------------------
-ConfigOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--config", "-c", help="YAML config file or shipped preset name (e.g. bge); repeatable, later wins."),
-]
-SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", "-s", help="Override one setting: dotted.key=value (repeatable; wins over files and env)."),
-]
-DataDirOpt = Annotated[
-    Optional[Path], typer.Option("--data-dir", help="Data directory (default: $RAGOPS_HOME or ./.ragops).")
-]
-CollectionOpt = Annotated[Optional[str], typer.Option("--collection", help="Collection name (default from config).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def handle_errors(fn: F) -> F:
-    """Turn user-facing errors into one stderr line and the error's exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except RagopsError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def settings_from(config: list[str] | None, overrides: list[str] | None, data_dir: Path | None) -> Settings:
-    """Load settings with the CLI's precedence (defaults < files < env < --set < --data-dir)."""
-    return load_settings(config or [], overrides or [], data_dir=data_dir)
-
-
-def emit_json(data: Any) -> None:
-    """Write JSON to stdout (no rich markup)."""
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-
 
 def _quiet_libraries() -> None:
     # Library chatter (HF load bars, Ray info) would drown the CLI's own output.

@@ -1,0 +1,206 @@
+"""Retrieval-augmented answering: retrieve → (rerank) → assemble context → read.
+
+:class:`RAGPipeline` is the one composition of the retrieval and generation stages. The
+CLI's ``ask`` and ``eval answers`` call it in-process; the Ray Serve deployments call the same
+stages (retriever, reader) on their replicas, so nothing is implemented twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ragops.config import Settings
+from ragops.errors import InputError
+from ragops.retrieval.context import assemble_context
+from ragops.retrieval.generation import Generator, ResultStream
+from ragops.retrieval.prompts import Passage
+from ragops.retrieval.readers import ReaderResult, get_reader
+from ragops.retrieval.search import Retriever, SearchFilters, SearchResult
+
+READERS = ("stuff", "fid")
+
+
+@dataclass
+class Answer:
+    """A cited answer with what it was built from.
+
+    Attributes:
+        answer: The generated text.
+        citations: ``[{"n", "doc_id", "chunk_id", "source", "score"}]`` for each cited passage.
+        timings: retrieve_s, generate_s, time_to_first_token_s, total_s, tokens_per_s.
+        passages: The numbered passages the reader saw.
+        reader: 'stuff' or 'fid'.
+        usage: prompt/completion token counts.
+        finish_reason: 'stop' or 'length'.
+    """
+
+    question: str
+    answer: str
+    citations: list[dict[str, Any]]
+    timings: dict[str, float]
+    passages: list[Passage] = field(default_factory=list)
+    reader: str = "stuff"
+    usage: dict[str, int] = field(default_factory=dict)
+    finish_reason: str = "stop"
+    query_truncated: bool = False
+
+    def to_dict(self, *, with_passages: bool = False) -> dict[str, Any]:
+        """``{"answer", "citations", "timings", ...}`` as ``ragops ask --json`` prints it."""
+        d: dict[str, Any] = {
+            "answer": self.answer,
+            "citations": self.citations,
+            "timings": self.timings,
+            "reader": self.reader,
+            "usage": self.usage,
+            "finish_reason": self.finish_reason,
+        }
+        if with_passages:
+            d["passages"] = [passage_dict(p) for p in self.passages]
+        return d
+
+
+def passage_dict(p: Passage) -> dict[str, Any]:
+    """JSON form of a passage (feedback records, --json output)."""
+    return {"n": p.n, "doc_id": p.doc_id, "chunk_id": p.chunk_id, "source": p.source, "score": p.score, "text": p.text}
+
+
+def citation_dicts(result: ReaderResult) -> list[dict[str, Any]]:
+    """The reader's cited passages as citation records."""
+    return [
+        {"n": p.n, "doc_id": p.doc_id, "chunk_id": p.chunk_id, "source": p.source, "score": p.score}
+        for p in result.cited_passages
+    ]
+
+
+class AnswerStream(Iterator[str]):
+    """Text deltas of an answer; :attr:`answer` is set once the stream is exhausted."""
+
+    def __init__(self, question: str, search: SearchResult, stream: ResultStream[ReaderResult], started: float) -> None:
+        self.question = question
+        self.search = search
+        self._stream = stream
+        self._started = started
+        self.answer: Answer | None = None
+
+    def __iter__(self) -> "AnswerStream":
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._stream)
+        except StopIteration:
+            if self.answer is None:
+                self.answer = _to_answer(self.question, self.search, self._stream.result, self._started)
+            raise
+
+    def close(self) -> None:
+        """Stop generating (the consumer went away)."""
+        close = getattr(self._stream, "close", None)
+        if close:
+            close()
+
+
+def _to_answer(question: str, search: SearchResult, res: ReaderResult, started: float) -> Answer:
+    timings = {
+        "retrieve_s": round(search.timings.get("total_s", 0.0), 4),
+        "time_to_first_token_s": round(res.timings.time_to_first_token_s, 4),
+        "generate_s": round(res.timings.total_s, 4),
+        "tokens_per_s": round(res.timings.tokens_per_s, 2),
+        "total_s": round(time.perf_counter() - started, 4),
+    }
+    return Answer(
+        question=question,
+        answer=res.answer,
+        citations=citation_dicts(res),
+        timings=timings,
+        passages=list(res.passages),
+        reader=res.reader,
+        usage={"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens},
+        finish_reason=res.finish_reason,
+        query_truncated=search.query_truncated,
+    )
+
+
+class RAGPipeline:
+    """Answers questions from a collection with citations.
+
+    Args:
+        settings: Full settings (retrieval, generator, embedder, vectorstore).
+        collection: Collection name override.
+        retriever: An existing retriever (tests, serving); built from settings otherwise.
+        generator: An existing generator; built from settings otherwise.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        collection: str | None = None,
+        *,
+        retriever: Retriever | None = None,
+        generator: Generator | None = None,
+    ) -> None:
+        self.settings = settings
+        self.retriever = retriever or Retriever(settings, collection=collection)
+        self.generator = generator or Generator(settings.generator)
+
+    def warm_up(self) -> None:
+        """Load the retriever and the generator now instead of on the first question."""
+        self.retriever.warm_up()
+        self.generator.warm_up()
+
+    def close(self) -> None:
+        """Release the store."""
+        self.retriever.close()
+
+    def __enter__(self) -> "RAGPipeline":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- stages --------------------------------------------------------------------------
+    def retrieve(
+        self,
+        question: str,
+        *,
+        k: int | None = None,
+        mode: str | None = None,
+        filters: SearchFilters | dict[str, Any] | list[str] | None = None,
+    ) -> tuple[SearchResult, list[Passage]]:
+        """Search and assemble the reader's numbered passages."""
+        result = self.retriever.search(question, k=k or 5, mode=mode, filters=filters)
+        passages = assemble_context(
+            result.hits,
+            store=self.retriever.store,
+            settings=self.settings,
+            count_tokens=self.generator.count_tokens,
+        )
+        return result, passages
+
+    def _reader(self, reader: str | None) -> Any:
+        name = reader or self.settings.generator.reader
+        if name not in READERS:
+            raise InputError(f"unknown reader '{name}'; allowed: {', '.join(READERS)}")
+        return get_reader(name, self.generator, context_tokens=self.settings.generator.context_tokens)
+
+    # -- answering -----------------------------------------------------------------------
+    def ask(self, question: str, *, k: int | None = None, mode: str | None = None, reader: str | None = None,
+            filters: Any = None, **gen: Any) -> Answer:  # fmt: skip
+        """Answer ``question`` (blocking). ``gen`` takes the generator's options."""
+        stream = self.ask_stream(question, k=k, mode=mode, reader=reader, filters=filters, **gen)
+        for _ in stream:
+            pass
+        assert stream.answer is not None
+        return stream.answer
+
+    def ask_stream(self, question: str, *, k: int | None = None, mode: str | None = None, reader: str | None = None,
+                   filters: Any = None, **gen: Any) -> AnswerStream:  # fmt: skip
+        """Answer ``question`` as a stream of text deltas (then ``.answer``)."""
+        started = time.perf_counter()
+        rd = self._reader(reader)  # validate before any work
+        result, passages = self.retrieve(question, k=k, mode=mode, filters=filters)
+        gen = {key: v for key, v in gen.items() if v is not None}
+        return AnswerStream(question, result, rd.stream(question, passages, **gen), started)
