@@ -51,6 +51,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # e.g. transformers' GGUF de-quantization bar
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("ray", "ray.data", "ray.serve", "ray.train", "ray.tune"):
@@ -170,6 +171,249 @@ def index_drop(
         emit_json({"collection": collection, "dropped": dropped})
     else:
         out.print(f"dropped {collection}" if dropped else f"collection {collection} did not exist")
+
+
+# -- search / ask ------------------------------------------------------------------------
+ModeOpt = Annotated[Optional[str], typer.Option("--mode", help="dense | sparse | hybrid (default from config: hybrid).")]
+FilterOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--filter", "-f", help="key=value: source=GLOB, doc_id=ID, tag=TAG, metadata.FIELD=V (repeatable)."),
+]
+
+#: Exit status when the command succeeded on a truncated query (see `ragops search --help`).
+EXIT_TRUNCATED = 3
+
+
+def _warn_truncated(truncated: bool) -> None:
+    if truncated:
+        err.print(
+            f"[yellow]warning:[/] the query is longer than the embedder's token limit and was truncated; "
+            f"results are for its beginning (exit status {EXIT_TRUNCATED})"
+        )
+
+
+@app.command()
+@handle_errors
+def search(
+    query: Annotated[str, typer.Argument(help="What to search for.")],
+    k: Annotated[int, typer.Option("--k", min=1, max=1000, help="Number of hits.")] = 10,
+    mode: ModeOpt = None,
+    fusion: Annotated[Optional[str], typer.Option("--fusion", help="Hybrid fusion: rrf | dbsf.")] = None,
+    filter_: FilterOpt = None,
+    score_threshold: Annotated[Optional[float], typer.Option("--score-threshold", help="Drop weaker hits.")] = None,
+    collection: CollectionOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Search the collection: dense (bi-encoder), sparse (BM25) or hybrid (fused in Qdrant).
+
+    --json prints {"hits": [{"rank", "score", "doc_id", "chunk_id", "text", "source", "metadata"}]}.
+    A query over the embedder's token limit is truncated: results are printed with a warning
+    and the exit status is 3.
+    """
+    from ragops.retrieval.search import Retriever
+
+    settings = settings_from(config, set_, data_dir)
+    with Retriever(settings, collection=collection) as retriever:
+        result = retriever.search(query, k=k, mode=mode, fusion=fusion, filters=filter_ or None,
+                                  score_threshold=score_threshold)  # fmt: skip
+    if as_json:
+        emit_json({"hits": [h.to_dict() for h in result.hits], "mode": result.mode, "timings": result.timings})
+    else:
+        table = Table("#", "score", "doc_id", "text", title=f"{len(result.hits)} hits ({result.mode})")
+        for h in result.hits:
+            snippet = " ".join(h.text.split())
+            table.add_row(str(h.rank), f"{h.score:.4f}", h.doc_id, snippet[:160] + ("…" if len(snippet) > 160 else ""))
+        out.print(table)
+    _warn_truncated(result.query_truncated)
+    if result.query_truncated:
+        raise typer.Exit(EXIT_TRUNCATED)
+
+
+def _apply_model(overrides: list[str], model: str | None) -> list[str]:
+    """``--model``: a base generator (registry name/path) or a trained adapter (name/alias)."""
+    if not model:
+        return overrides
+    from ragops.model_registry import BUILTIN_MODELS
+
+    if any(model == m.name for m in BUILTIN_MODELS) or Path(model).joinpath("config.json").exists():
+        return overrides + [f"generator.model={model}"]
+    try:
+        from ragops.artifacts import adapter_base  # the fine-tuning registry
+    except ImportError:  # pragma: no cover - registry not installed
+        adapter_base = None  # type: ignore[assignment]
+    extra = [f"generator.adapter={model}"]
+    if adapter_base is not None:
+        base = adapter_base(model)
+        if base:
+            extra.append(f"generator.model={base}")
+    return overrides + extra
+
+
+@app.command()
+@handle_errors
+def ask(
+    question: Annotated[str, typer.Argument(help="The question.")],
+    k: Annotated[int, typer.Option("--k", min=1, max=100, help="Passages retrieved.")] = 5,
+    mode: ModeOpt = None,
+    reader: Annotated[Optional[str], typer.Option("--reader", help="stuff | fid (default from config: stuff).")] = None,
+    stream: Annotated[bool, typer.Option("--stream", help="Print the answer as it is generated.")] = False,
+    model: Annotated[
+        Optional[str], typer.Option("--model", help="Generator: a registry model, a local path, or a trained adapter/alias.")
+    ] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Most tokens to generate.")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", min=0, help="0 = greedy, deterministic.")] = None,
+    filter_: FilterOpt = None,
+    collection: CollectionOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Answer a question from the collection, citing the passages used as [n].
+
+    --json prints {"answer", "citations": [{"n", "doc_id", "chunk_id", "source", "score"}], "timings"}.
+    """
+    from ragops.retrieval.rag import RAGPipeline
+
+    settings = settings_from(config, _apply_model(list(set_ or []), model), data_dir)
+    with RAGPipeline(settings, collection=collection) as rag:
+        with err.status("loading models and retrieving…", spinner="dots") if not as_json else _null():
+            answer_stream = rag.ask_stream(question, k=k, mode=mode, reader=reader, filters=filter_ or None,
+                                           max_new_tokens=max_tokens, temperature=temperature)  # fmt: skip
+            first = next(answer_stream, None)
+        if stream and not as_json:
+            if first is not None:
+                out.print(first, end="", highlight=False, markup=False)
+            for delta in answer_stream:
+                out.print(delta, end="", highlight=False, markup=False)
+            out.print()
+        else:
+            for _ in answer_stream:
+                pass
+        answer = answer_stream.answer
+    assert answer is not None
+    if as_json:
+        emit_json(answer.to_dict())
+    else:
+        if not stream:
+            out.print(answer.answer, highlight=False, markup=False)
+        out.print()
+        for c in answer.citations:
+            out.print(f"[{c['n']}] {c['doc_id']}  ({c['source']}, score {c['score']:.3f})", highlight=False, markup=False)
+        if not answer.citations:
+            err.print("[dim]no passage cited[/]")
+        t = answer.timings
+        err.print(f"[dim]retrieve {t['retrieve_s']:.2f}s · first token {t['time_to_first_token_s']:.2f}s · "
+                  f"{t['tokens_per_s']:.1f} tokens/s · total {t['total_s']:.2f}s[/]")  # fmt: skip
+    _warn_truncated(answer.query_truncated)
+    if answer.query_truncated:
+        raise typer.Exit(EXIT_TRUNCATED)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# -- eval --------------------------------------------------------------------------------
+eval_app = typer.Typer(help="Measure retrieval and answer quality.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("retrieval")
+@handle_errors
+def eval_retrieval(
+    queries: Annotated[Path, typer.Option("--queries", help='JSONL: {"qid", "query"} per line.')],
+    qrels: Annotated[Path, typer.Option("--qrels", help='JSONL: {"qid", "doc_id"} per line.')],
+    k: Annotated[int, typer.Option("--k", min=1, max=1000, help="Cut-off for the metrics' ranking.")] = 10,
+    mode: Annotated[
+        Optional[list[str]], typer.Option("--mode", help="dense | sparse | hybrid; repeat to compare (default: all three).")
+    ] = None,
+    collection: CollectionOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """recall@1/5/10, MRR@10 and nDCG@10 per search mode, at document level."""
+    from ragops.errors import InputError
+    from ragops.retrieval.evaluate import evaluate_retrieval
+    from ragops.retrieval.search import MODES, Retriever
+
+    modes = tuple(mode or ("dense", "sparse", "hybrid"))
+    for m in modes:
+        if m not in MODES:
+            raise InputError(f"unknown mode '{m}'; allowed: {', '.join(MODES)}")
+    settings = settings_from(config, set_, data_dir)
+    with Retriever(settings, collection=collection) as retriever:
+        report = evaluate_retrieval(retriever, queries, qrels, k=k, modes=modes)
+    if as_json:
+        emit_json(report)
+        return
+    metric_names = [m for m in next(iter(report["modes"].values())) if "@" in m]
+    table = Table("mode", *metric_names, "p50 ms", title=f"{report['queries']} queries, k={k}")
+    for m, row in report["modes"].items():
+        table.add_row(m, *[f"{row[n]:.3f}" for n in metric_names], f"{row.get('latency_p50_ms', 0):.1f}")
+    out.print(table)
+
+
+@eval_app.command("answers")
+@handle_errors
+def eval_answers(
+    data: Annotated[Path, typer.Option("--data", help='JSONL: {"question", "answers": [...], "gold_doc_ids": [...]}.')],
+    model: Annotated[Optional[str], typer.Option("--model", help="Generator or trained adapter/alias to evaluate.")] = None,
+    k: Annotated[int, typer.Option("--k", min=1, max=100, help="Passages retrieved per question.")] = 5,
+    mode: ModeOpt = None,
+    reader: Annotated[Optional[str], typer.Option("--reader", help="stuff | fid.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1)] = None,
+    collection: CollectionOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Exact match, token F1, answer-contains and citation precision of generated answers.
+
+    With --model NAME of a trained artifact, the metrics are also recorded on the artifact so
+    `ragops models promote --require-metric` can gate on them.
+    """
+    from rich.progress import Progress
+
+    from ragops.retrieval.evaluate import evaluate_answers
+    from ragops.retrieval.rag import RAGPipeline
+
+    settings = settings_from(config, _apply_model(list(set_ or []), model), data_dir)
+    with RAGPipeline(settings, collection=collection) as rag, Progress(console=err, transient=True) as bar:
+        task = bar.add_task("answering", total=None)
+        report = evaluate_answers(rag, data, k=k, mode=mode, reader=reader, max_new_tokens=max_tokens,
+                                  progress=lambda d, t: bar.update(task, completed=d, total=t))  # fmt: skip
+    recorded = _record_eval(model, report)
+    if as_json:
+        emit_json({**report, "model": model or settings.generator.model, "recorded_on": recorded})
+        return
+    table = Table("metric", "value", title=f"{report['questions']} questions")
+    for key in ("exact_match", "token_f1", "answer_contains", "citation_precision"):
+        v = report[key]
+        table.add_row(key, "n/a" if v is None else f"{v:.3f}")
+    out.print(table)
+
+
+def _record_eval(model: str | None, report: dict[str, Any]) -> str | None:
+    """Attach answer metrics to a trained artifact (for promotion gates), when it is one."""
+    if not model:
+        return None
+    try:
+        from ragops.artifacts import record_eval
+    except ImportError:  # pragma: no cover
+        return None
+    metrics = {k: report[k] for k in ("exact_match", "token_f1", "answer_contains", "citation_precision") if report[k] is not None}
+    return record_eval(model, metrics)
 
 
 # -- models ------------------------------------------------------------------------------

@@ -213,3 +213,66 @@ def evaluate_retrieval(
         "missing_queries": len(missing),
         "modes": results,
     }
+
+
+def evaluate_answers(
+    pipeline: Any,
+    data_path: str | Path,
+    *,
+    k: int | None = None,
+    mode: str | None = None,
+    reader: str | None = None,
+    max_new_tokens: int | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Answer every question of an answers file and score the answers.
+
+    The file holds one ``{"question", "answers": [...], "gold_doc_ids": [...]}`` per line.
+    Metrics (means over questions): exact match, token F1 and answer-contains against the
+    reference answers, and citation precision — the share of cited passages whose document is
+    gold (questions whose answer cites nothing are left out of that mean and counted).
+
+    Args:
+        pipeline: A :class:`ragops.retrieval.rag.RAGPipeline`.
+        data_path: The answers file.
+        k, mode, reader, max_new_tokens: Passed to ``pipeline.ask``.
+        progress: Optional callable ``(done, total)``.
+    """
+    from ragops.retrieval.metrics import answer_contains, citation_precision, exact_match, token_f1
+
+    rows = _numbered(data_path, ("question", "answers"))
+    if not rows:
+        raise InputError(f"{data_path}: no questions to evaluate")
+    per_question: list[dict[str, Any]] = []
+    for i, (line, row) in enumerate(rows):
+        answers = row["answers"] if isinstance(row["answers"], list) else [row["answers"]]
+        if not answers or not all(isinstance(a, str) for a in answers):
+            raise InputError(f"{data_path}:{line}: 'answers' must be a non-empty list of strings")
+        gold = set(row.get("gold_doc_ids") or [])
+        ans = pipeline.ask(str(row["question"]), k=k, mode=mode, reader=reader, max_new_tokens=max_new_tokens)
+        cited = [c["doc_id"] for c in ans.citations]
+        per_question.append(
+            {
+                "question": row["question"],
+                "answer": ans.answer,
+                "exact_match": exact_match(ans.answer, answers),
+                "token_f1": token_f1(ans.answer, answers),
+                "answer_contains": answer_contains(ans.answer, answers),
+                "citation_precision": citation_precision(cited, gold) if gold else None,
+                "cited_doc_ids": cited,
+                "total_s": ans.timings.get("total_s"),
+            }
+        )
+        if progress:
+            progress(i + 1, len(rows))
+    cp = [q["citation_precision"] for q in per_question if q["citation_precision"] is not None]
+    n = len(per_question)
+    return {
+        "questions": n,
+        "exact_match": round(sum(q["exact_match"] for q in per_question) / n, 4),
+        "token_f1": round(sum(q["token_f1"] for q in per_question) / n, 4),
+        "answer_contains": round(sum(q["answer_contains"] for q in per_question) / n, 4),
+        "citation_precision": round(sum(cp) / len(cp), 4) if cp else None,
+        "questions_without_citations": n - len(cp),
+        "per_question": per_question,
+    }

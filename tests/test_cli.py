@@ -1,0 +1,117 @@
+"""The CLI through typer's CliRunner: real commands on the shipped sample corpus, tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def cli(tmp_path: Path, tiny_embedder: Path, tiny_llm_dir: Path):
+    """Run ragops commands against a private data dir with tiny models (local runner)."""
+    runner = CliRunner()
+    base = [
+        "--data-dir", str(tmp_path / "data"),
+        "--set", f"embedder.model={tiny_embedder}",
+        "--set", f"generator.model={tiny_llm_dir}",
+        "--set", "generator.max_new_tokens=8",
+        "--set", "ingest.runner=local",
+        "--set", "ingest.chunker.chunk_tokens=96",
+        "--set", "ingest.chunker.overlap_tokens=16",
+    ]  # fmt: skip
+
+    def run(*args: str, common: bool = True):
+        argv = list(args)
+        if common:
+            # Options go after the (sub)command words, before positional-free tails.
+            words = [a for a in argv if not a.startswith("-")]
+            n_cmd = 2 if words and words[0] in {"index", "eval", "config", "models"} else 1
+            argv = argv[:n_cmd] + base + argv[n_cmd:]
+        return runner.invoke(app, argv, catch_exceptions=False)
+
+    return run
+
+
+def _json(result) -> dict:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_help_explains_every_command() -> None:
+    runner = CliRunner()
+    for argv in (["--help"], ["ingest", "--help"], ["index", "stats", "--help"], ["search", "--help"],
+                 ["ask", "--help"], ["eval", "retrieval", "--help"], ["eval", "answers", "--help"]):  # fmt: skip
+        res = runner.invoke(app, argv)
+        assert res.exit_code == 0 and "Usage" in res.output
+
+
+def test_ingest_stats_reingest_search_ask_eval(cli, sample_docs: Path) -> None:
+    first = _json(cli("ingest", str(sample_docs), "--json"))
+    assert first["new"] == 45 and first["failed_count"] == 0 and first["points_written"] > 45
+    stats = _json(cli("index", "stats", "--json"))
+    assert set(stats) >= {"collection", "documents", "points", "dim", "embedder", "last_ingest"}
+    assert stats["documents"] == 45 and stats["points"] == first["points_written"]
+
+    again = _json(cli("ingest", str(sample_docs), "--json"))
+    assert again["unchanged"] == 45 and again["points_written"] == 0
+
+    hits = _json(cli("search", "MIG Multi-Instance GPU partitions", "--k", "5", "--mode", "sparse", "--json"))["hits"]
+    assert len(hits) == 5 and "gpus/mig.md" in [h["doc_id"] for h in hits[:3]]
+    assert set(hits[0]) >= {"rank", "score", "doc_id", "chunk_id", "text", "source", "metadata"}
+    filtered = _json(cli("search", "GPU", "--filter", "source=*kubernetes/*", "--json"))["hits"]
+    assert filtered and all(h["doc_id"].startswith("kubernetes/") for h in filtered)
+
+    ans = _json(cli("ask", "What is MIG?", "--k", "3", "--json"))
+    assert set(ans) >= {"answer", "citations", "timings"} and isinstance(ans["answer"], str)
+    for c in ans["citations"]:
+        assert set(c) >= {"n", "doc_id", "chunk_id", "source", "score"}
+
+    ev = _json(cli("eval", "retrieval", "--queries", str(REPO / "samples/eval/queries.jsonl"),
+                   "--qrels", str(REPO / "samples/eval/qrels.jsonl"), "--mode", "sparse", "--mode", "hybrid", "--json"))  # fmt: skip
+    assert set(ev["modes"]) == {"sparse", "hybrid"}
+    assert ev["modes"]["sparse"]["recall@10"] > 0.5  # BM25 alone is strong on this corpus
+
+
+def test_bad_input_is_one_message_and_nonzero(cli, sample_docs: Path, tmp_path: Path) -> None:
+    res = cli("search", "anything", "--json")
+    assert res.exit_code != 0 and "does not exist" in res.output  # missing collection
+    cli("ingest", str(sample_docs / "gpus"), "--json")
+    for argv, needle in [
+        (("search", "   "), "empty query"),
+        (("search", "gpu", "--mode", "fancy"), "allowed"),
+        (("ask", "gpu", "--reader", "nope"), "allowed: stuff, fid"),
+        (("search", "gpu", "--filter", "colour=red"), "allowed"),
+        (("search", "gpu", "--set", "retrieval.k=banana"), "retrieval.k"),
+        (("ingest", str(tmp_path / "missing")), "not found"),
+    ]:
+        res = cli(*argv)
+        assert res.exit_code != 0, argv
+        assert needle in res.output, (argv, res.output)
+        assert "Traceback" not in res.output
+    assert _json(cli("index", "stats", "--json"))["documents"] == 7  # nothing changed
+
+
+def test_overlong_query_is_truncated_with_warning(cli, sample_docs: Path) -> None:
+    cli("ingest", str(sample_docs / "gpus"), "--json")
+    res = cli("search", " ".join(["gpu partition"] * 400), "--json")
+    assert res.exit_code == 3
+    assert "truncated" in res.stderr
+    assert json.loads(res.stdout)["hits"]
+
+
+def test_unknown_config_key_names_it(cli) -> None:
+    res = cli("config", "show", "--set", "embedder.modle=x")
+    assert res.exit_code == 2 and "embedder.modle" in res.output and "model" in res.output
+
+
+def test_models_list_json() -> None:
+    res = CliRunner().invoke(app, ["models", "list", "--json"])
+    names = {m["name"] for m in json.loads(res.stdout)["models"]}
+    assert {"minilm-l6", "smollm2-135m-instruct", "bge-small-en-v1.5"} <= names
