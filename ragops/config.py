@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ragops.errors import ConfigError
+from ragops.finetune.config import FinetuneConfig
 
 ENV_PREFIX = "RAGOPS_"
 HOME_ENV = "RAGOPS_HOME"
@@ -177,6 +178,7 @@ class Settings(StrictModel):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
     @field_validator("data_dir", mode="before")
     @classmethod

@@ -1,0 +1,142 @@
+"""Fine-tuning settings: one pydantic model per concern, hooked into ``Settings.finetune``.
+
+This module imports pydantic only: :mod:`ragops.config` imports it to build ``Settings``, and
+the CLI builds its ``--help`` without paying for torch, transformers or Ray.
+
+Every key can be set like any other setting: ``--set finetune.sft.learning_rate=1e-4``,
+``RAGOPS_FINETUNE__WORKERS=2`` or a YAML file::
+
+    finetune:
+      base_model: smollm2-135m-instruct
+      workers: 2
+      lora: {r: 16, alpha: 32}
+      sft: {max_steps: 200, batch_size: 4, max_length: 1024}
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    # Same contract as ragops.config.StrictModel (not imported: ragops.config imports us).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSettings(_Strict):
+    """The LoRA adapter trained on top of the frozen base model."""
+
+    r: int = Field(16, ge=1, le=1024, description="Rank of the low-rank update.")
+    alpha: int = Field(32, ge=1, description="Scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Module names that get an adapter (Llama-style attention projections by default), or 'all-linear'.",
+    )
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none",
+        description="QLoRA: load the frozen base in 4 or 8 bits (needs bitsandbytes and a CUDA GPU; refused otherwise).",
+    )
+
+
+class TrainerSettings(_Strict):
+    """Optimisation settings shared by the SFT and reward trainers."""
+
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
+    lr_scheduler: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
+    ] = Field("cosine", description="Learning-rate schedule after warm-up.")
+    warmup: float = Field(0.05, ge=0, description="Warm-up: a fraction of the steps when < 1, else a step count.")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training split (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; overrides epochs.")
+    batch_size: int = Field(4, ge=1, description="Examples per worker per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Forward passes per optimizer step (gradient accumulation).")
+    max_length: int = Field(1024, ge=16, description="Tokens per example; longer ones are truncated.")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of examples held out for evaluation.")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Evaluate every N optimizer steps (None: only at the end of training)."
+    )
+    logging_steps: int = Field(1, ge=1, description="Record loss, learning rate and tokens/s every N steps.")
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N optimizer steps (and at the end).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, ~25% slower."
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="'auto': bf16 on GPUs that support it, fp32 otherwise (CPU)."
+    )
+    seed: int = Field(0, description="Seed for adapter init, data order and the eval split.")
+
+
+class SFTSettings(TrainerSettings):
+    """Supervised fine-tuning (RAG-grounded answers)."""
+
+    loss_on: Literal["completion", "all"] = Field(
+        "completion",
+        description="'completion': loss on the assistant's reply only (the prompt and passages are masked); 'all': every token.",
+    )
+    packing: bool = Field(False, description="Pack several short examples into one max_length sequence.")
+
+
+class RewardSettings(TrainerSettings):
+    """Reward model on preference pairs (Bradley-Terry loss)."""
+
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
+    max_length: int = Field(1024, ge=16, description="Tokens per prompt+answer; longer pairs are dropped.")
+    center_rewards: float | None = Field(
+        None, ge=0, description="Coefficient pulling rewards towards 0 (keeps scores comparable across runs)."
+    )
+
+
+class DataSettings(_Strict):
+    """How training files become examples."""
+
+    runner: Literal["ray", "local"] = Field(
+        "ray", description="'ray' builds datasets with Ray Data; 'local' runs the same stages in-process."
+    )
+    retrieve_k: int = Field(3, ge=1, le=50, description="Passages retrieved for records with \"retrieve\": true.")
+    cite: bool = Field(
+        True, description="Append [n] citations to target answers for the passages that contain the answer."
+    )
+    max_examples: int | None = Field(None, ge=1, description="Use only the first N records (quick experiments).")
+
+
+class FinetuneConfig(_Strict):
+    """Fine-tuning on Ray Train: SFT with LoRA, reward models, checkpoints and the artifact registry."""
+
+    base_model: str | None = Field(
+        None, description="Model to fine-tune (registry name or path); None uses generator.model."
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    sft: SFTSettings = Field(default_factory=SFTSettings)
+    reward: RewardSettings = Field(default_factory=RewardSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    runner: Literal["ray", "local"] = Field(
+        "ray", description="'ray' runs Ray Train workers; 'local' trains in this process (one worker, no Ray)."
+    )
+    workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel DDP: gloo on CPU, NCCL on GPU).")
+    use_gpu: bool = Field(False, description="One GPU per worker (ScalingConfig(use_gpu=True)).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (also its torch threads).")
+    num_to_keep: int = Field(2, ge=1, description="Checkpoints kept per run (older ones are deleted).")
+    max_failures: int = Field(
+        1, ge=-1, description="Worker-group restarts from the latest checkpoint before the run fails (-1: unlimited)."
+    )
+    storage_path: str | None = Field(
+        None, description="Where runs and checkpoints live: a path or URI (s3://, gs://); None: <data_dir>/runs."
+    )
+    registry_path: str | None = Field(
+        None, description="Where published artifacts live: a path or URI; None: <data_dir>/registry."
+    )
+    cache_base_model: bool = Field(
+        True,
+        description="Convert a GGUF base model once to safetensors under <data_dir>/cache so workers load it in seconds.",
+    )
+
+    @model_validator(mode="after")
+    def _local_is_one_worker(self) -> "FinetuneConfig":
+        if self.runner == "local" and self.workers > 1:
+            raise ValueError("finetune.runner 'local' trains in one process: set finetune.workers=1 or runner=ray")
+        return self
