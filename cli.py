@@ -85,9 +85,8 @@ def ingest(
     --prune deletes documents that disappeared. Failed files are listed and make the exit
     status non-zero, but every other document is still ingested.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from ragops.ingest.pipeline import run_ingest
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     overrides = list(set_ or [])
     if runner:
@@ -342,9 +341,10 @@ def eval_retrieval(
     as_json: JsonOpt = False,
 ) -> None:
     """recall@1/5/10, MRR@10 and nDCG@10 per search mode, at document level."""
-    from ragops.errors import InputError
     from ragops.retrieval.evaluate import evaluate_retrieval
     from ragops.retrieval.search import MODES, Retriever
+
+    from ragops.errors import InputError
 
     modes = tuple(mode or ("dense", "sparse", "hybrid"))
     for m in modes:
@@ -383,10 +383,9 @@ def eval_answers(
     With --model NAME of a trained artifact, the metrics are also recorded on the artifact so
     `ragops models promote --require-metric` can gate on them.
     """
-    from rich.progress import Progress
-
     from ragops.retrieval.evaluate import evaluate_answers
     from ragops.retrieval.rag import RAGPipeline
+    from rich.progress import Progress
 
     settings = settings_from(config, _apply_model(list(set_ or []), model), data_dir)
     with RAGPipeline(settings, collection=collection) as rag, Progress(console=err, transient=True) as bar:

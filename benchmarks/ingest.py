@@ -87,8 +87,9 @@ def chunk_texts(settings, corpus: Path) -> list[str]:
 
 
 def bench_throughput(args: argparse.Namespace, work: Path) -> dict:
-    from ragops.embeddings import TextEmbedder
     from ragops.ingest.pipeline import run_ingest
+
+    from ragops.embeddings import TextEmbedder
 
     corpus = make_corpus(work / "corpus", args.docs)
     extra = list(args.set or [])

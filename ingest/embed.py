@@ -63,7 +63,7 @@ class EmbedStage:
             vectors[chunk_rows] = self.embedder.encode_passages(chunk_texts)
             if self.bm25 is not None:
                 # BM25 sees the stored text (with its heading prefix), like the dense side.
-                for i, sv in zip(chunk_rows, self.bm25.encode_documents(chunk_texts)):
+                for i, sv in zip(chunk_rows, self.bm25.encode_documents(chunk_texts), strict=False):
                     indices[i] = list(sv.indices)
                     values[i] = list(sv.values)
         out = dict(batch)

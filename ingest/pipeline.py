@@ -16,24 +16,25 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import time
 import uuid
-import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ragops.config import Settings
-from ragops.documents import Chunk, Document
-from ragops.errors import CollectionError, InputError
 from ragops.ingest.chunkers import Chunker
 from ragops.ingest.embed import EmbedStage
 from ragops.ingest.loaders import LoadError, SourceFile, discover, load_file
 from ragops.ingest.sink import QdrantSink, document_fingerprint, scan_index
+
+from ragops.config import Settings
+from ragops.documents import Chunk, Document
+from ragops.errors import CollectionError, InputError
 from ragops.manifest import append_record
 from ragops.model_registry import resolve_model
 from ragops.vectorstore import open_store

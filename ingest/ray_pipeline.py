@@ -18,9 +18,10 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ragops.config import Settings
 from ragops.ingest.embed import EmbedStage
 from ragops.ingest.loaders import SourceFile
+
+from ragops.config import Settings
 from ragops.errors import RagopsError
 from ragops.raylocal import ensure_ray, unwrap_ray_error
 
@@ -61,9 +62,8 @@ def run_ray(settings: Settings, stage: Any, files: Sequence[SourceFile]) -> Iter
     """Run load/chunk and embed under Ray Data; yield embedded batches to the driver."""
     import ray
     import ray.data
-    from ray.data import ActorPoolStrategy
-
     from ragops.ingest.pipeline import source_rows
+    from ray.data import ActorPoolStrategy
 
     ensure_ray(settings.ray)
     cfg = settings.ingest

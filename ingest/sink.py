@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,13 +167,3 @@ class QdrantSink:
             self.store.delete_documents(ids[start : start + 256])
         return len(ids)
 
-
-def batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    """Yield consecutive slices of ``items`` of at most ``size`` elements."""
-    for start in range(0, len(items), max(1, size)):
-        yield items[start : start + size]
-
-
-def chunks_per_second(points: int, seconds: float) -> float:
-    """Throughput guarded against zero durations."""
-    return points / seconds if seconds > 0 and not math.isclose(seconds, 0.0) else 0.0

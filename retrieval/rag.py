@@ -12,13 +12,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ragops.config import Settings
-from ragops.errors import InputError
 from ragops.retrieval.context import assemble_context
 from ragops.retrieval.generation import Generator, ResultStream
 from ragops.retrieval.prompts import Passage
 from ragops.retrieval.readers import ReaderResult, get_reader
 from ragops.retrieval.search import Retriever, SearchFilters, SearchResult
+
+from ragops.config import Settings
+from ragops.errors import InputError
 
 READERS = ("stuff", "fid")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -10,10 +9,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from ragops.errors import CollectionError, InputError, StoreLockedError
-from ragops.index import collection_stats, drop_collection
 from ragops.ingest.pipeline import run_ingest
+
+from ragops.errors import CollectionError, InputError
+from ragops.index import collection_stats, drop_collection
 from ragops.manifest import read_records
 from ragops.vectorstore import open_store
 
