@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ragops.errors import ConfigError
+from ragops.serve.config import ServeConfig
 from ragops.finetune.config import FinetuneConfig
 
 ENV_PREFIX = "RAGOPS_"
@@ -177,6 +178,7 @@ class Settings(StrictModel):
     vectorstore: VectorStoreConfig = Field(default_factory=VectorStoreConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 

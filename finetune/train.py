@@ -1,0 +1,312 @@
+"""``ragops train sft|reward``: data → run → Ray Train (or in-process) → published artifact.
+
+:func:`train` is the one function the CLI calls. It
+
+1. resolves the base model (and converts a GGUF base to safetensors once, see
+   :func:`~ragops.finetune.models.materialize_base`);
+2. builds the dataset (Ray Data) and splits off the held-out examples;
+3. creates a run record — or, with ``resume``, reopens an interrupted one (``"auto"``: the
+   latest unfinished run of the same kind on the same data; a path: that run's folder, or a
+   checkpoint folder to start a new run from);
+4. runs the train loop on Ray Train (:func:`~ragops.finetune.runner.run_on_ray`) or in-process;
+5. publishes the adapter to the registry under the run's id, moving ``sft-latest`` /
+   ``reward-latest`` / ``rm-latest``, and closes the run record.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ragops.artifacts import Artifact, Registry, utc_now
+from ragops.config import Settings
+from ragops.errors import InputError, RagopsError
+from ragops.runs import RunRecord, RunStore
+
+TrainKind = Literal["sft", "reward"]
+Progress = Callable[[dict[str, Any]], None]
+
+
+class TrainingFailed(RagopsError):
+    """The run failed; its checkpoints are kept and ``--resume auto`` continues it."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        run: The run record (finished).
+        artifact: The published artifact.
+        resumed: Whether an interrupted run was continued.
+        aliases: Aliases pointing at the artifact after publishing.
+        data: ``{"files", "hash", "records", "train_examples", "eval_examples", "retrieved"}``.
+    """
+
+    run: RunRecord
+    artifact: Artifact
+    resumed: bool
+    data: dict[str, Any] = field(default_factory=dict)
+    aliases: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run.run_id,
+            "kind": self.run.kind,
+            "status": self.run.status,
+            "artifact": self.artifact.name,
+            "aliases": self.aliases,
+            "base_model": self.artifact.base_model,
+            "resumed": self.resumed,
+            "steps": self.run.step,
+            "planned_steps": self.run.planned_steps,
+            "restarts": self.run.restarts,
+            "metrics": self.run.metrics,
+            "data": self.data,
+            "tags": self.run.tags,
+        }
+
+
+def _with_overrides(
+    settings: Settings, kind: str, workers: int | None, use_gpu: bool | None, max_steps: int | None
+) -> Settings:
+    ft = settings.finetune
+    updates: dict[str, Any] = {}
+    if workers is not None:
+        updates["workers"] = workers
+        if workers > 1 and ft.runner == "local":
+            updates["runner"] = "ray"
+    if use_gpu is not None:
+        updates["use_gpu"] = use_gpu
+    if max_steps is not None:
+        section = ft.sft if kind == "sft" else ft.reward
+        updates[kind] = section.model_copy(update={"max_steps": max_steps})
+    if not updates:
+        return settings
+    data = ft.model_dump()
+    data.update({k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in updates.items()})
+    return settings.model_copy(update={"finetune": type(ft).model_validate(data)})
+
+
+def _resolve_resume(store: RunStore, resume: str, kind: str, data_hash: str) -> tuple[RunRecord | None, str | None]:
+    """``(run to continue, checkpoint to start from)`` for ``--resume``."""
+    if resume == "auto":
+        return store.find_resumable(kind, data_hash), None
+    path = Path(resume).expanduser()
+    if path.is_dir() and (path / RunStore.RECORD).is_file():
+        return store.get(path.name), None
+    if path.is_dir() and ((path / "trainer_state.json").is_file() or (path / "checkpoint" / "trainer_state.json").is_file()):
+        return None, str(path.resolve())
+    if not path.exists():
+        try:
+            return store.get(resume), None  # a run id
+        except InputError:
+            pass
+    raise InputError(
+        f"--resume '{resume}': expected 'auto', a run folder (holding run.json), a run id, or a checkpoint "
+        "folder (holding trainer_state.json)"
+    )
+
+
+class _Tail(threading.Thread):
+    """Polls the run's metrics file and calls ``progress`` with each new row."""
+
+    def __init__(self, store: RunStore, run_id: str, progress: Progress, interval: float = 0.5) -> None:
+        super().__init__(daemon=True, name=f"progress-{run_id}")
+        self.store, self.run_id, self.progress, self.interval = store, run_id, progress, interval
+        self._halt = threading.Event()
+        self._seen: set[tuple[int, str]] = set()
+
+    def poll(self) -> None:
+        for row in self.store.metrics(self.run_id):
+            key = (int(row.get("step", 0)), "eval" if any(k.startswith("eval_") for k in row) else "train")
+            if key not in self._seen:
+                self._seen.add(key)
+                self.progress(row)
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval):
+            try:
+                self.poll()
+            except Exception:  # noqa: BLE001 - progress display must never break training
+                pass
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=2)
+        try:
+            self.poll()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def train(
+    settings: Settings,
+    kind: TrainKind,
+    data: str | Path | Sequence[str | Path],
+    *,
+    base_model: str | None = None,
+    workers: int | None = None,
+    use_gpu: bool | None = None,
+    max_steps: int | None = None,
+    resume: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    parent: str | None = None,
+    progress: Progress | None = None,
+    on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    fault: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Fine-tune and publish: SFT (LoRA adapter) or a reward model.
+
+    Args:
+        settings: Full settings (``finetune`` section; ``generator.model`` is the default base).
+        kind: ``'sft'`` or ``'reward'``.
+        data: Training file(s): a path, a folder of ``*.jsonl`` or a glob.
+        base_model: Overrides ``finetune.base_model``.
+        workers, use_gpu, max_steps: Override ``finetune.workers``, ``finetune.use_gpu`` and the
+            kind's ``max_steps``.
+        resume: ``None`` (new run), ``'auto'`` or a path (see :func:`_resolve_resume`).
+        tags: Key/value tags stored with the run and the artifact.
+        parent: Artifact this one derives from (recorded).
+        progress: Called with each per-step metrics row (step, loss, tokens_per_s, ...).
+        on_event: Called with ("data" | "run" | "publish", details) at each stage.
+        fault: Fault injection for drills and tests: ``{"step", "marker", "rank"}``.
+
+    Raises:
+        InputError: bad data or resume target; ConfigError: bad settings (e.g. QLoRA on CPU);
+        ModelNotFoundError: base model; TrainingFailed: the workers failed beyond ``max_failures``.
+    """
+    from ragops.finetune.datasets import build_preference_examples, build_sft_examples
+    from ragops.finetune.models import check_quantization, materialize_base, resolve_base
+    from ragops.finetune.reward import reward_train_loop
+    from ragops.finetune.runner import Scaling, run_local, run_on_ray
+    from ragops.finetune.sft import sft_train_loop
+
+    if kind not in ("sft", "reward"):
+        raise InputError(f"unknown training kind '{kind}'; allowed: sft, reward")
+    emit = on_event or (lambda _stage, _info: None)
+    settings = _with_overrides(settings, kind, workers, use_gpu, max_steps)
+    ft = settings.finetune
+    section = ft.sft if kind == "sft" else ft.reward
+    check_quantization(ft.lora.quantization, ft.use_gpu)
+
+    base_name = base_model or ft.base_model or settings.generator.model
+    source = resolve_base(base_name)
+    if ft.cache_base_model:
+        source = materialize_base(source, Path(settings.data_dir) / "cache" / "base-models")
+    if kind == "sft":
+        built = build_sft_examples(data, settings, tokenizer_dir=source.path, gguf_file=source.gguf_file)
+    else:
+        built = build_preference_examples(data, settings)
+    train_ex, eval_ex = built.split(section.eval_fraction, section.seed)
+    data_info = {
+        "files": built.files, "hash": built.hash, "records": built.records, "train_examples": len(train_ex),
+        "eval_examples": len(eval_ex), "retrieved": built.retrieved, **built.extra,
+    }  # fmt: skip
+    emit("data", data_info)
+
+    store = RunStore.from_settings(settings)
+    scaling = Scaling(workers=ft.workers, use_gpu=ft.use_gpu, cpus_per_worker=ft.cpus_per_worker)
+    rec, init_checkpoint = (None, None)
+    if resume:
+        rec, init_checkpoint = _resolve_resume(store, resume, kind, built.hash)
+    resumed = rec is not None
+    if rec is not None:
+        if rec.kind != kind:
+            raise InputError(f"run {rec.run_id} is a {rec.kind} run, not {kind}")
+        if rec.status == "finished":
+            raise InputError(f"run {rec.run_id} already finished (artifact {rec.artifact}); nothing to resume")
+        if rec.data.get("hash") != built.hash:
+            raise InputError(f"run {rec.run_id} was trained on different data (hash {rec.data.get('hash', '?')[:12]}…)")
+        merged_tags = {**rec.tags, **dict(tags or {})}
+        rec = store.update(
+            rec.run_id, status="running", attempts=rec.attempts + 1, error=None, tags=merged_tags,
+            pid=os.getpid(),
+        )  # fmt: skip
+    else:
+        rec = store.create(
+            kind,
+            base_model=base_name,
+            data=data_info,
+            config={kind: section.model_dump(mode="json"), "lora": ft.lora.model_dump(mode="json")},
+            scaling={"runner": ft.runner, **scaling.to_dict()},
+            tags=dict(tags or {}),
+            parent=parent,
+        )
+    emit("run", {"run_id": rec.run_id, "resumed": resumed, "run_dir": store.run_uri(rec.run_id), "init_checkpoint": init_checkpoint})
+
+    loop = sft_train_loop if kind == "sft" else reward_train_loop
+    loop_config: dict[str, Any] = {
+        "base": source.to_dict(),
+        "train": train_ex,
+        "eval": eval_ex,
+        kind: section.model_dump(mode="json"),
+        "lora": ft.lora.model_dump(mode="json"),
+        "use_gpu": ft.use_gpu,
+        "num_to_keep": ft.num_to_keep,
+        "fault": {"store_root": store.uri, "run_id": rec.run_id, **fault} if fault else None,
+    }
+    tail = _Tail(store, rec.run_id, progress) if progress else None
+    if tail:
+        tail.start()
+    try:
+        if ft.runner == "local":
+            outcome = run_local(
+                loop, loop_config, store, rec.run_id, num_to_keep=ft.num_to_keep,
+                init_checkpoint=init_checkpoint, cpus=ft.cpus_per_worker,
+            )  # fmt: skip
+        else:
+            outcome = run_on_ray(
+                loop, loop_config, scaling, (store, rec.run_id), resume=resumed,
+                num_to_keep=ft.num_to_keep, max_failures=ft.max_failures,
+                init_checkpoint=init_checkpoint, ray_config=settings.ray,
+            )  # fmt: skip
+    except KeyboardInterrupt:
+        store.update(rec.run_id, status="interrupted", error="interrupted by the user")
+        raise
+    except Exception as exc:
+        from ragops.raylocal import unwrap_ray_error
+
+        cause = unwrap_ray_error(exc)
+        message = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+        store.update(rec.run_id, status="failed", error=message[:500])
+        if isinstance(cause, RagopsError):
+            raise cause from None
+        raise TrainingFailed(
+            f"training run {rec.run_id} failed: {message[:300]}. Its checkpoints are kept: continue it with "
+            f"`ragops train {kind} --data ... --resume auto` (or --resume {store.run_uri(rec.run_id)})"
+        ) from exc
+    finally:
+        if tail:
+            tail.stop()
+
+    from ragops.finetune.session import ARTIFACT_DIR
+
+    metrics = outcome.metrics or {}
+    metrics = {k: v for k, v in metrics.items() if k != "_type"}
+    registry = Registry.from_settings(settings)
+    artifact = registry.publish(
+        outcome.final_dir / ARTIFACT_DIR,
+        kind=kind,
+        name=rec.run_id,
+        base_model=base_name,
+        task="causal-lm" if kind == "sft" else "seq-cls",
+        parent=parent,
+        run_id=rec.run_id,
+        data_hash=built.hash,
+        config={**rec.config, "scaling": rec.scaling},
+        metrics=metrics,
+        tags=rec.tags,
+    )
+    emit("publish", {"artifact": artifact.name, "aliases": registry.aliases_of(artifact.name), "registry": registry.storage.uri()})
+    final_step = int(metrics.get("global_step", rec.step))
+    rec = store.update(
+        rec.run_id, status="finished", finished_at=utc_now(), artifact=artifact.name, metrics=metrics,
+        step=final_step, planned_steps=int(metrics.get("planned_steps") or rec.planned_steps or final_step), error=None,
+    )  # fmt: skip
+    store.write_parquet(rec.run_id)
+    return TrainResult(run=rec, artifact=artifact, resumed=resumed, data=data_info, aliases=registry.aliases_of(artifact.name))

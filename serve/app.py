@@ -1,0 +1,111 @@
+"""The Ray Serve application: four deployments composed with handles.
+
+::
+
+    HTTP ─▶ Ingress (FastAPI) ──▶ QueryEmbedder   query → dense + BM25 vectors   (@serve.batch)
+                              ──▶ Retriever       vectors → hits (Qdrant), rerank, neighbours
+                              ──▶ Generator       hits → cited answer            (@serve.batch,
+                                                  streamed or whole; LoRA via @serve.multiplexed)
+
+Three ways to run it:
+
+* ``ragops serve`` (:mod:`ragops.commands.serve`): local Ray started on demand, blocking;
+* ``serve run ragops.serve.app:build_app config=my.yaml set=serve.port=8001``;
+* a KubeRay RayService ``serveConfigV2``::
+
+      applications:
+        - name: ragops
+          import_path: ragops.serve.app:build_app
+          route_prefix: /
+          args: {config: /etc/ragops/config.yaml, set: ["vectorstore.backend=qdrant", "vectorstore.url=http://qdrant:6333"]}
+
+API keys are read from the environment of the process that builds the app
+(``RAGOPS_API_KEYS_CHAT`` / ``RAGOPS_API_KEYS_ADMIN``) and only their digests are passed on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ray.serve import Application
+
+from ragops.config import Settings, load_settings
+from ragops.errors import ConfigError
+from ragops.serve.auth import ApiKeys
+
+APP_NAME = "ragops"
+
+
+def check_topology(settings: Settings) -> None:
+    """Refuse deployment settings the vector store cannot support.
+
+    Raises:
+        ConfigError: the embedded Edge store with more than one retriever replica.
+    """
+    auto = settings.serve.retriever.autoscaling
+    if settings.vectorstore.backend == "edge" and (auto.max_replicas > 1 or auto.min_replicas > 1):
+        raise ConfigError(
+            f"serve.retriever.autoscaling asks for up to {auto.max_replicas} replicas, but the embedded Qdrant Edge "
+            "store can be opened by one process only: keep serve.retriever.autoscaling.max_replicas=1, or use a "
+            "Qdrant server (--set vectorstore.backend=qdrant --set vectorstore.url=http://HOST:6333), which scales."
+        )
+
+
+def build_application(settings: Settings, *, keys: ApiKeys | None = None) -> Application:
+    """Bind the four deployments with their options from ``settings.serve``.
+
+    Args:
+        settings: Full settings (the ``serve`` section sizes the deployments).
+        keys: API key digests; None reads them from the environment.
+
+    Raises:
+        ConfigError: see :func:`check_topology`.
+    """
+    from ragops.serve.embedder import QueryEmbedder
+    from ragops.serve.generator import GeneratorDeployment
+    from ragops.serve.ingress import Ingress
+    from ragops.serve.retriever import RetrieverDeployment
+
+    check_topology(settings)
+    keys = keys if keys is not None else ApiKeys.from_env(os.environ)
+    sc = settings.serve
+    data = settings.model_dump(mode="json")
+    embedder = QueryEmbedder.options(**sc.embedder.deployment_options()).bind(data)
+    retriever = RetrieverDeployment.options(**sc.retriever.deployment_options()).bind(data)
+    generator = GeneratorDeployment.options(**sc.generator.deployment_options()).bind(data)
+    ingress_opts = sc.ingress.deployment_options()
+    # Refusals at the proxy (the ingress queue is full) carry Retry-After too.
+    ingress_opts["backpressure_config"] = {"status_code": 503, "retry_after_s": sc.retry_after_s}
+    return Ingress.options(**ingress_opts).bind(data, keys, embedder, retriever, generator)
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Mapping):  # {"serve.port": 8001}
+        return [f"{k}={v}" for k, v in value.items()]
+    if isinstance(value, Sequence):
+        return [str(v) for v in value]
+    raise ConfigError(f"expected a string or a list, got {type(value).__name__}")
+
+
+def build_app(args: Mapping[str, Any] | None = None) -> Application:
+    """Application builder for ``serve run`` and KubeRay ``serveConfigV2`` (``import_path``).
+
+    Args:
+        args: ``config``: YAML file(s) or preset name(s); ``set``: ``dotted.key=value``
+            override(s) (a string, a list, or a mapping); ``data_dir``: the data directory.
+
+    Raises:
+        ConfigError: unknown argument, bad configuration.
+    """
+    args = dict(args or {})
+    unknown = set(args) - {"config", "set", "data_dir"}
+    if unknown:
+        raise ConfigError(f"unknown build_app argument(s): {', '.join(sorted(unknown))}; allowed: config, set, data_dir")
+    settings = load_settings(_as_list(args.get("config")), _as_list(args.get("set")), data_dir=args.get("data_dir"))
+    return build_application(settings)

@@ -1,0 +1,185 @@
+"""How the ingress reaches the other deployments: handle calls with deadlines and back-pressure.
+
+:class:`HandleBackend` wraps the Ray Serve :class:`DeploymentHandle` of each deployment. Every
+call runs under the request's deadline (``asyncio.wait_for``; on expiry the call is cancelled
+on the replica too, freeing its slot) and turns Ray Serve's refusals into API errors: a full
+queue (:class:`~ray.serve.exceptions.BackPressureError`, raised when ``max_queued_requests``
+is reached) or an unavailable deployment becomes a 503 with ``Retry-After``; errors raised by
+a replica become 400/404/503 by their library type. The HTTP layer
+(:mod:`ragops.serve.http_app`) only sees this class's small async API, so it can be tested
+against a fake backend without Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import contextmanager
+from typing import Any
+
+from ragops.serve.errors import APIError, from_ragops_error, overloaded, timed_out
+from ragops.serve.metrics import ServeMetrics
+
+log = logging.getLogger(__name__)
+
+
+class Deadline:
+    """The time left to one request (``serve.request_timeout_s`` or less)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.limit_s = seconds
+        self._loop = asyncio.get_running_loop()
+        self._end = self._loop.time() + seconds
+
+    def remaining(self) -> float:
+        """Seconds left; raises the timeout error when none are."""
+        left = self._end - self._loop.time()
+        if left <= 0:
+            raise timed_out(self.limit_s)
+        return left
+
+
+class Downstream:
+    """Calls to one deployment, counted in ``ragops_downstream_inflight_calls``.
+
+    Args:
+        name: Deployment label for metrics and messages.
+        handle: Its DeploymentHandle.
+        metrics: The ingress replica's metrics.
+        retry_after_s: ``Retry-After`` of the 503 when its queue is full.
+    """
+
+    def __init__(self, name: str, handle: Any, metrics: ServeMetrics, retry_after_s: int) -> None:
+        self.name = name
+        self.handle = handle
+        self.metrics = metrics
+        self.retry_after_s = retry_after_s
+
+    def _method(self, method: str, model_id: str | None, stream: bool = False) -> Any:
+        h = self.handle
+        opts: dict[str, Any] = {"method_name": method}
+        if model_id:
+            opts["multiplexed_model_id"] = model_id
+        if stream:
+            opts["stream"] = True
+        return h.options(**opts)
+
+    def _translate(self, exc: BaseException) -> APIError:
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        if isinstance(exc, APIError):
+            return exc
+        if isinstance(exc, BackPressureError) or isinstance(getattr(exc, "cause", None), BackPressureError):
+            self.metrics.rejections.labels("overloaded").inc()
+            return overloaded(self.retry_after_s, f"the {self.name}")
+        if isinstance(exc, DeploymentUnavailableError):
+            return overloaded(self.retry_after_s, f"the {self.name} (unavailable)")
+        api = from_ragops_error(exc)
+        if api.status >= 500:
+            log.error("%s call failed: %s", self.name, exc)
+        return api
+
+    @contextmanager
+    def _inflight(self):  # type: ignore[no-untyped-def]
+        gauge = self.metrics.downstream_inflight.labels(self.name)
+        gauge.inc()
+        try:
+            yield
+        finally:
+            gauge.dec()
+
+    async def call(self, method: str, *args: Any, deadline: Deadline, model_id: str | None = None, **kwargs: Any) -> Any:
+        """Call ``method`` and await its result within the deadline."""
+        response = self._method(method, model_id).remote(*args, **kwargs)
+        with self._inflight():
+            try:
+                return await asyncio.wait_for(_await(response), deadline.remaining())
+            except (TimeoutError, asyncio.TimeoutError):
+                response.cancel()  # free the replica's slot: nobody waits for this answer any more
+                self.metrics.rejections.labels("timeout").inc()
+                raise timed_out(deadline.limit_s) from None
+            except asyncio.CancelledError:
+                response.cancel()  # the client went away
+                raise
+            except APIError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped to an API error
+                raise self._translate(exc) from None
+
+    async def stream(self, method: str, *args: Any, deadline: Deadline, model_id: str | None = None,
+                     **kwargs: Any) -> AsyncIterator[Any]:  # fmt: skip
+        """Iterate a streaming method's items, each within the deadline."""
+        gen = self._method(method, model_id, stream=True).remote(*args, **kwargs)
+        with self._inflight():
+            try:
+                while True:
+                    try:
+                        item = await asyncio.wait_for(gen.__anext__(), deadline.remaining())
+                    except StopAsyncIteration:
+                        return
+                    yield item
+            except (TimeoutError, asyncio.TimeoutError):
+                gen.cancel()
+                self.metrics.rejections.labels("timeout").inc()
+                raise timed_out(deadline.limit_s) from None
+            except (asyncio.CancelledError, GeneratorExit):
+                gen.cancel()
+                raise
+            except APIError:
+                gen.cancel()
+                raise
+            except Exception as exc:  # noqa: BLE001
+                gen.cancel()
+                raise self._translate(exc) from None
+
+
+async def _await(response: Any) -> Any:
+    return await response
+
+
+class HandleBackend:
+    """The deployments behind the ingress, reached through their handles.
+
+    Args:
+        embedder, retriever, generator: DeploymentHandles.
+        metrics: The ingress replica's metrics.
+        retry_after_s: ``Retry-After`` for 503 answers.
+    """
+
+    def __init__(self, embedder: Any, retriever: Any, generator: Any, metrics: ServeMetrics, retry_after_s: int) -> None:
+        self.embedder = Downstream("embedder", embedder, metrics, retry_after_s)
+        self.retriever = Downstream("retriever", retriever, metrics, retry_after_s)
+        self.generator = Downstream("generator", generator, metrics, retry_after_s)
+
+    async def encode_query(self, query: str, *, deadline: Deadline) -> Any:
+        """Dense + BM25 query vectors (an ``EncodedQuery``)."""
+        return await self.embedder.call("encode_query", query, deadline=deadline)
+
+    async def embed(self, texts: list[str], input_type: str, *, deadline: Deadline) -> dict[str, Any]:
+        """``{"vectors": [[...]], "tokens": int}`` for /v1/embeddings."""
+        return await self.embedder.call("embed", texts, input_type, deadline=deadline)
+
+    async def search(self, query: str, encoded: Any, params: dict[str, Any], *, deadline: Deadline) -> Any:
+        """A ``SearchResult`` (retrieval only)."""
+        return await self.retriever.call("search", query, encoded, params, deadline=deadline)
+
+    async def retrieve(self, query: str, encoded: Any, params: dict[str, Any], *, deadline: Deadline) -> Any:
+        """A ``SearchResult`` with neighbour expansion, for answering."""
+        return await self.retriever.call("retrieve", query, encoded, params, deadline=deadline)
+
+    async def answer(self, request: Any, model_id: str, *, deadline: Deadline) -> dict[str, Any]:
+        """A whole answer (batched on the generator) or ``{"error": ...}``."""
+        return await self.generator.call("answer", request, deadline=deadline, model_id=model_id)
+
+    def answer_stream(self, request: Any, model_id: str, *, deadline: Deadline) -> AsyncIterator[dict[str, Any]]:
+        """``{"delta"}`` items, then ``{"answer"}`` (or ``{"error"}``)."""
+        return self.generator.stream("answer_stream", request, deadline=deadline, model_id=model_id)
+
+    async def retriever_health(self, *, deadline: Deadline) -> dict[str, Any]:
+        """The retriever's view of the vector store."""
+        return await self.retriever.call("health", deadline=deadline)
+
+    async def reload(self, *, deadline: Deadline) -> dict[str, Any]:
+        """Reopen the vector store (admin)."""
+        return {"retriever": await self.retriever.call("reload", deadline=deadline)}

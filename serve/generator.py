@@ -1,0 +1,122 @@
+"""Generator deployment: batched and streamed answers, LoRA adapters multiplexed.
+
+* Non-streaming answers go through ``@serve.batch``: concurrent requests are answered by one
+  :meth:`Generator.generate_batch` call (see :mod:`ragops.serve.answering`). Ray Serve splits
+  a batch by multiplexed model id, so a batch never mixes adapters.
+* Streaming answers run the reader's stream; every decoding step is one task on the replica's
+  single model thread, so concurrent streams (and batches) interleave token by token instead
+  of waiting for each other to finish.
+* Adapters: the multiplexed model id is the served adapter name; the loader builds a
+  :class:`Generator` whose ``cfg.adapter`` is that name's reference (registry name/alias or
+  path, resolved by :func:`~ragops.retrieval.generation.resolve_adapter`) and keeps at most
+  ``serve.generator.max_adapters_per_replica`` of them (LRU, Ray Serve's multiplexing).
+
+The model is not thread-safe and, on a CPU, two concurrent forward passes only thrash the
+cores, hence one model thread per replica; loading an adapter uses a second thread so
+answers on already-loaded models keep flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ray import serve
+
+from ragops.retrieval.generation import Generator
+from ragops.serve.answering import AnswerRequest, answer_batch, answer_dict, error_dict, start_answer
+from ragops.serve.models import BASE, ModelCatalog
+from ragops.serve.replica import replica_settings
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment(name="Generator")
+class GeneratorDeployment:
+    """Answers from retrieved passages with the base model or a LoRA adapter.
+
+    Args:
+        settings: The app's settings as a dict.
+    """
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = replica_settings(settings, "generator")
+        cfg = self.settings.serve.generator
+        self.catalog = ModelCatalog(self.settings)
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self._load_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-adapter")
+        self.base = Generator(self.settings.generator)
+        self.base.warm_up()
+        self._hold_file = cfg.test_hold_file
+        self._answer_batch.set_max_batch_size(cfg.max_batch_size)
+        self._answer_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+
+        async def load_adapter_generator(model_id: str) -> Generator:
+            return await self._load(model_id)
+
+        # Decorated here (not on the class) so the cache size comes from the config.
+        self._adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)(load_adapter_generator)
+
+    async def _load(self, model_id: str) -> Generator:
+        ref = self.catalog.adapter_ref(model_id)
+        gen_cfg = self.settings.generator.model_copy(update={"adapter": ref, "model": self.catalog.adapter_base(model_id)})
+        gen = Generator(gen_cfg)
+        await asyncio.get_running_loop().run_in_executor(self._load_thread, gen.warm_up)
+        log.info("loaded adapter %s (%s)", model_id, ref)
+        return gen
+
+    async def _generator(self) -> Generator:
+        model_id = serve.get_multiplexed_model_id()
+        return self.base if model_id == BASE else await self._adapter(model_id)
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
+
+    async def _hold(self) -> None:
+        # TEST HOOK (serve.generator.test_hold_file): lets tests keep requests in flight.
+        while self._hold_file is not None and self._hold_file.exists():
+            await asyncio.sleep(0.05)
+
+    async def answer(self, request: AnswerRequest) -> dict[str, Any]:
+        """A whole answer (``Answer.to_dict(with_passages=True)``) or ``{"error": ...}``; batched."""
+        await self._hold()
+        return await self._answer_batch(request)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _answer_batch(self, requests: list[AnswerRequest]) -> list[dict[str, Any]]:
+        try:
+            gen = await self._generator()
+        except Exception as exc:  # noqa: BLE001 - e.g. an adapter that does not load: each caller's error
+            return [error_dict(exc)] * len(requests)
+        return await self._run(answer_batch, gen, self.settings, requests)
+
+    async def answer_stream(self, request: AnswerRequest) -> AsyncIterator[dict[str, Any]]:
+        """``{"delta": text}`` items, then ``{"final": answer}``; ``{"error": ...}`` instead on failure."""
+        await self._hold()
+        try:
+            gen = await self._generator()
+            stream = await self._run(start_answer, gen, self.settings, request)
+        except Exception as exc:  # noqa: BLE001
+            yield error_dict(exc)
+            return
+        try:
+            while True:
+                delta = await self._run(next, stream, None)
+                if delta is None:
+                    break
+                yield {"delta": delta}
+            yield {"final": answer_dict(stream)}
+        except Exception as exc:  # noqa: BLE001
+            yield error_dict(exc)
+        finally:
+            if stream.answer is None:
+                # Cancelled (client gone, time limit): free the suspended decode loop's KV cache.
+                self._model_thread.submit(stream.close)
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: the base model is loaded."""
+        if not self.base.loaded:
+            raise RuntimeError("the generator model is not loaded")

@@ -1,0 +1,573 @@
+"""The HTTP API: a FastAPI app over a backend of deployments (no Ray import here).
+
+Endpoints (``/v1/*`` need an API key when keys are configured; ``/v1/admin/*`` an admin key):
+
+* ``POST /v1/chat/completions``: OpenAI chat completions, whole or streamed (SSE), answered
+  from retrieved passages with ``citations``; ``rag`` tunes retrieval.
+* ``POST /v1/search``: retrieval only, hits as ``ragops search --json`` prints them.
+* ``POST /v1/embeddings``: OpenAI embeddings (``float`` or ``base64``).
+* ``GET /v1/models``: base model, adapters, embedding model.
+* ``POST /v1/feedback``: thumbs up/down (+ comment, preferred answer) on a logged request.
+* ``POST /v1/admin/reload``: reopen the vector store.
+* ``GET /healthz`` (200/503 JSON), ``GET /metrics`` (Prometheus), ``GET /`` (chat page).
+
+Chat history: the question is the last user message; retrieval always uses it alone (a
+follow-up's earlier turns would drag retrieval towards the previous topic). With
+``serve.history_turns`` > 0 the reader also sees that many earlier user/assistant turns above
+the question; the default 0 answers each question on its own, which suits the small default
+generator whose context window is mostly taken by passages. System messages are accepted and
+not forwarded: the reader's own instructions (cite ``[n]``, answer from the passages) apply.
+
+Errors are OpenAI-shaped JSON (:mod:`ragops.serve.errors`): bad input is a 400 (FastAPI's 422
+is turned into a 400), an unknown model a 404, an oversized body a 413, a full queue a 503
+with ``Retry-After``, a request over its time limit a 504 (a gateway-style timeout: the
+server, not the client, was too slow; ``serve.request_timeout_s``, lowered per request by an
+``X-Request-Timeout: <seconds>`` header).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ragops.config import Settings
+from ragops.errors import InputError, ModelNotFoundError
+from ragops.retrieval.search import SearchFilters
+from ragops.serve import openai_format as fmt
+from ragops.serve.answering import AnswerRequest
+from ragops.serve.auth import ApiKeys, Role, authorize
+from ragops.serve.backend import Deadline
+from ragops.serve.errors import APIError, bad_request, model_not_found
+from ragops.serve.feedback import FeedbackStore
+from ragops.serve.metrics import ServeMetrics
+from ragops.serve.models import ModelCatalog
+from ragops.serve.schemas import ChatCompletionRequest, EmbeddingsRequest, FeedbackBody, SearchBody
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+ROUTES = (
+    "/", "/healthz", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/search", "/v1/embeddings",
+    "/v1/feedback", "/v1/admin/reload",
+)  # fmt: skip
+TIMEOUT_HEADER = "x-request-timeout"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_REJECTION_REASON = {400: "invalid", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "invalid",
+                     413: "too_large", 503: "overloaded", 504: "timeout"}  # fmt: skip
+
+
+class Backend(Protocol):
+    """What the HTTP layer needs from the deployments (see :class:`ragops.serve.backend.HandleBackend`)."""
+
+    async def encode_query(self, query: str, *, deadline: Deadline) -> Any: ...
+    async def embed(self, texts: list[str], input_type: str, *, deadline: Deadline) -> dict[str, Any]: ...
+    async def search(self, query: str, encoded: Any, params: dict[str, Any], *, deadline: Deadline) -> Any: ...
+    async def retrieve(self, query: str, encoded: Any, params: dict[str, Any], *, deadline: Deadline) -> Any: ...
+    async def answer(self, request: AnswerRequest, model_id: str, *, deadline: Deadline) -> dict[str, Any]: ...
+    def answer_stream(self, request: AnswerRequest, model_id: str, *, deadline: Deadline) -> AsyncIterator[dict[str, Any]]: ...
+    async def retriever_health(self, *, deadline: Deadline) -> dict[str, Any]: ...
+    async def reload(self, *, deadline: Deadline) -> dict[str, Any]: ...
+
+
+@dataclass
+class IngressContext:
+    """Everything the HTTP layer of one ingress replica uses.
+
+    Attributes:
+        settings: The app's settings.
+        keys: API key digests (empty: open API).
+        backend: The deployments.
+        metrics: This replica's metrics.
+        feedback: Request log and feedback store.
+        catalog: Served model names.
+        deployment_status: Returns ``{deployment: status}`` as Ray Serve reports it (health
+            of replicas, models loaded); None outside Ray.
+    """
+
+    settings: Settings
+    keys: ApiKeys
+    backend: Backend
+    metrics: ServeMetrics
+    feedback: FeedbackStore
+    catalog: ModelCatalog
+    deployment_status: Callable[[], Awaitable[dict[str, str]]] | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# ASGI middleware: metrics, auth and body limit before any parsing
+# ---------------------------------------------------------------------------------------
+
+
+async def _send_error(send: Send, err: APIError) -> None:
+    resp = JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    await resp({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Message:  # pragma: no cover - responses never read
+    return {"type": "http.disconnect"}
+
+
+class GateMiddleware:
+    """Counts and times every request, then checks its key and body size before the app.
+
+    Authentication runs before the body is parsed, so an anonymous client learns nothing
+    about what the API would accept. The body is buffered up to ``max_body_bytes`` (413
+    above; a ``Content-Length`` over it is refused without reading).
+    """
+
+    def __init__(self, app: ASGIApp, ctx: IngressContext) -> None:
+        self.app = app
+        self.ctx = ctx
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = path if path in ROUTES else "other"
+        m = self.ctx.metrics
+        status = {"code": 500}
+
+        async def send_counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        started = time.perf_counter()
+        inflight = m.inflight.labels(endpoint)
+        inflight.inc()
+        try:
+            await self._guarded(scope, receive, send_counted, path)
+        finally:
+            inflight.dec()
+            code = status["code"]
+            m.requests.labels(endpoint, scope.get("method", ""), str(code)).inc()
+            m.latency.labels(endpoint).observe(time.perf_counter() - started)
+            if code in _REJECTION_REASON:
+                m.rejections.labels(_REJECTION_REASON[code]).inc()
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        needed = Role.ADMIN if path.startswith("/v1/admin/") else Role.CHAT if path.startswith("/v1/") else None
+        if needed is not None and scope.get("method") != "OPTIONS":
+            headers = dict(scope.get("headers") or [])
+            raw = headers.get(b"authorization")
+            try:
+                authorize(self.ctx.keys, raw.decode("latin-1") if raw is not None else None, needed)
+            except APIError as err:
+                await _send_error(send, err)
+                return
+        if scope.get("method") in ("POST", "PUT", "PATCH"):
+            body = await self._read_body(scope, receive)
+            if body is None:
+                limit = self.ctx.settings.serve.max_body_bytes
+                await _send_error(send, APIError(413, f"the request body exceeds the limit of {limit} bytes",
+                                                 code="request_too_large"))  # fmt: skip
+                return
+            receive = _replay(body, receive)
+        await self.app(scope, receive, send)
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        limit = self.ctx.settings.serve.max_body_bytes
+        for name, value in scope.get("headers") or []:
+            if name == b"content-length":
+                try:
+                    if int(value) > limit:
+                        return None
+                except ValueError:
+                    pass
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # later reads wait for the disconnect, as a real receive does
+
+    return replay
+
+
+# ---------------------------------------------------------------------------------------
+# Error handlers
+# ---------------------------------------------------------------------------------------
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    if not errors:
+        return bad_request("invalid request")
+    err = errors[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    kind = err.get("type", "")
+    where = ".".join(loc)
+    param = loc[0] if loc else None
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    if kind == "json_invalid":
+        return bad_request("the request body is not valid JSON", code="invalid_json")
+    if kind == "missing" and not loc:
+        return bad_request("the request body is missing; send a JSON object", code="missing_body")
+    if kind == "value_error" and not loc:  # a model-level rule (unsupported option, last message...)
+        return bad_request(msg)
+    if not loc:
+        return bad_request(f"the request body must be a JSON object ({msg})")
+    if kind == "extra_forbidden":
+        return bad_request(f"Unrecognized request argument supplied: {where}", param=param, code="unknown_parameter")
+    if kind == "missing":
+        return bad_request(f"missing required parameter '{where}'", param=param, code="missing_parameter")
+    return bad_request(f"'{where}': {msg}", param=param)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = _validation_error(exc)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        message = {404: "no such endpoint", 405: "method not allowed on this endpoint"}.get(exc.status_code, str(exc.detail))
+        err = APIError(exc.status_code, message, code=code)
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        err = APIError(500, "internal error; see the server logs", type="server_error", code="internal_error")
+        return JSONResponse(err.body(), status_code=500)
+
+
+# ---------------------------------------------------------------------------------------
+# The chat page
+# ---------------------------------------------------------------------------------------
+
+
+def chat_page() -> tuple[bytes, str]:
+    """The page and its Content-Security-Policy (inline script and style allowed by hash)."""
+    html = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+
+    def hashes(tag: str) -> str:
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.DOTALL)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in blocks)
+
+    csp = (
+        f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
+        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    return html.encode("utf-8"), csp
+
+
+# ---------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------
+
+
+def _request_id(request: Request) -> tuple[str, dict[str, str]]:
+    """The request id and the headers to add for it.
+
+    Behind Ray Serve's proxy every request carries ``x-request-id`` (the client's, or one the
+    proxy made) and the proxy echoes it on the response; the same id is the completion ``id``
+    and the key of the request log. Outside the proxy (tests of the bare app) one is made here.
+    """
+    rid = request.headers.get("x-request-id")
+    if rid and _SAFE_ID.match(rid):
+        return rid, {}
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    return rid, {"x-request-id": rid}
+
+
+def _deadline(request: Request, settings: Settings) -> Deadline:
+    limit = settings.serve.request_timeout_s
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is not None:
+        try:
+            asked = float(raw)
+        except ValueError:
+            raise bad_request(f"{TIMEOUT_HEADER} must be a number of seconds", param=TIMEOUT_HEADER) from None
+        if not 0 < asked < float("inf"):
+            raise bad_request(f"{TIMEOUT_HEADER} must be a positive number of seconds", param=TIMEOUT_HEADER)
+        limit = min(limit, asked)  # a client may only shorten the server's limit
+    return Deadline(limit)
+
+
+def _filters(raw: dict[str, Any] | None, param: str) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    try:
+        SearchFilters.from_dict(raw)  # validate here: a bad filter is the client's 400, not a replica error
+    except (InputError, TypeError, ValueError) as exc:
+        raise bad_request(str(exc), param=param) from None
+    return raw
+
+
+def _check_k(k: int | None, settings: Settings, param: str) -> int | None:
+    if k is not None and k > settings.serve.max_k:
+        raise bad_request(f"'{param}' must be at most {settings.serve.max_k}", param=param)
+    return k
+
+
+def reader_question(body: ChatCompletionRequest, turns: int) -> str:
+    """The question the reader sees: the last user message, earlier turns above it when enabled."""
+    history = body.history(turns)
+    if not history:
+        return body.question
+    convo = "\n".join(f"{role}: {text}" for role, text in history)
+    return f"Conversation so far:\n{convo}\n\nCurrent question: {body.question}"
+
+
+def create_app(ctx: IngressContext) -> FastAPI:
+    """Build the FastAPI app of one ingress replica."""
+    settings = ctx.settings
+    sc = settings.serve
+    app = FastAPI(title="ragops", description="OpenAI-compatible RAG API", docs_url=None, redoc_url=None)
+    _install_error_handlers(app)
+    app.add_middleware(GateMiddleware, ctx=ctx)
+    if sc.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=sc.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type", TIMEOUT_HEADER])  # fmt: skip
+    page, csp = chat_page()
+
+    async def resolve_model(name: str) -> str:
+        try:
+            return await asyncio.to_thread(ctx.catalog.resolve_chat_model, name)
+        except ModelNotFoundError:
+            raise model_not_found(name) from None
+
+    # -- chat ------------------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        rid, id_headers = _request_id(request)
+        created = int(time.time())
+        deadline = _deadline(request, settings)
+        model_id = await resolve_model(body.model)
+        limit = body.token_limit
+        if limit is not None and limit > sc.max_tokens_limit:
+            raise bad_request(f"'max_tokens' must be at most {sc.max_tokens_limit}", param="max_tokens")
+        rag = body.rag
+        params = {
+            "k": _check_k(rag.k if rag else None, settings, "rag.k") or sc.default_k,
+            "mode": rag.mode if rag else None,
+            "filters": _filters(rag.filters if rag else None, "rag.filters"),
+        }
+        question = body.question
+        t0 = time.perf_counter()
+        encoded = await ctx.backend.encode_query(question, deadline=deadline)
+        ctx.metrics.embed_seconds.observe(time.perf_counter() - t0)
+        search = await ctx.backend.retrieve(question, encoded, params, deadline=deadline)
+        ctx.metrics.retrieval_seconds.observe(float(search.timings.get("search_s", 0.0)))
+        areq = AnswerRequest(
+            question=reader_question(body, sc.history_turns),
+            search=search,
+            reader=rag.reader if rag else None,
+            gen={"max_new_tokens": limit, "temperature": body.temperature, "top_p": body.top_p,
+                 "stop": body.stop_list, "seed": body.seed},  # fmt: skip
+        )
+        record = {"request_id": rid, "question": question, "model": body.model, "rag": params}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return await _stream(ctx, areq, model_id, deadline, rid, created, body.model, record, include_usage, id_headers)
+        answer = await ctx.backend.answer(areq, model_id, deadline=deadline)
+        if "error" in answer:
+            raise APIError.from_dict(answer["error"])
+        await _log_answer(ctx, record, answer)
+        return JSONResponse(fmt.chat_completion(rid, body.model, created, answer), headers=id_headers)
+
+    # -- retrieval and embeddings ----------------------------------------------------
+    @app.post("/v1/search")
+    async def search(body: SearchBody, request: Request) -> Response:
+        deadline = _deadline(request, settings)
+        params = {
+            "k": _check_k(body.k, settings, "k"),
+            "mode": body.mode,
+            "fusion": body.fusion,
+            "filters": _filters(body.filters, "filters"),
+            "score_threshold": body.score_threshold,
+        }
+        encoded = await ctx.backend.encode_query(body.query, deadline=deadline)
+        result = await ctx.backend.search(body.query, encoded, params, deadline=deadline)
+        ctx.metrics.retrieval_seconds.observe(float(result.timings.get("search_s", 0.0)))
+        return JSONResponse(result.to_dict())
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingsRequest, request: Request) -> Response:
+        deadline = _deadline(request, settings)
+        if body.model not in ctx.catalog.embedding_names:
+            raise model_not_found(body.model)
+        texts = body.texts
+        if len(texts) > sc.max_embedding_inputs:
+            raise bad_request(f"'input': at most {sc.max_embedding_inputs} texts per request", param="input")
+        out = await ctx.backend.embed(texts, body.input_type, deadline=deadline)
+        vectors = out["vectors"]
+        if body.dimensions is not None and vectors and body.dimensions != len(vectors[0]):
+            raise bad_request(f"'dimensions': this model makes {len(vectors[0])}-dimensional vectors only",
+                              param="dimensions")  # fmt: skip
+        return JSONResponse(fmt.embeddings(vectors, body.model, int(out["tokens"]), body.encoding_format))
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        created = int(time.time())
+        chat = await asyncio.to_thread(ctx.catalog.list_chat_models)
+        data = [fmt.model_card(m["id"], created, root=m["root"], parent=m["parent"]) for m in chat]
+        data.append(fmt.model_card(sc.embedding_model_name, created, root=settings.embedder.model, kind="embedding"))
+        return JSONResponse({"object": "list", "data": data})
+
+    # -- feedback --------------------------------------------------------------------
+    @app.post("/v1/feedback")
+    async def feedback(body: FeedbackBody) -> Response:
+        record = await asyncio.to_thread(ctx.feedback.add_feedback, body.request_id, body.rating,
+                                         comment=body.comment, preferred_answer=body.preferred_answer)  # fmt: skip
+        if record is None:
+            raise APIError(404, f"no answered request with id '{body.request_id}'", code="request_not_found",
+                           param="request_id")  # fmt: skip
+        ctx.metrics.feedback.labels(body.rating).inc()
+        return JSONResponse({"object": "feedback", "request_id": body.request_id, "rating": body.rating, "stored": True})
+
+    # -- admin -----------------------------------------------------------------------
+    @app.post("/v1/admin/reload")
+    async def reload(request: Request) -> Response:
+        result = await ctx.backend.reload(deadline=_deadline(request, settings))
+        return JSONResponse({"object": "reload", **result})
+
+    # -- operations ------------------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return await _health(ctx)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(ctx.metrics.render(), media_type=ctx.metrics.content_type)
+
+    @app.get("/")
+    async def index() -> Response:
+        return HTMLResponse(page, headers={"Content-Security-Policy": csp, "Cache-Control": "no-cache",
+                                           "X-Content-Type-Options": "nosniff"})  # fmt: skip
+
+    return app
+
+
+async def _log_answer(ctx: IngressContext, record: dict[str, Any], answer: dict[str, Any]) -> None:
+    """Write the request log line (before the client can send feedback on it) and metrics."""
+    full = {
+        **record,
+        "passages": answer.get("passages", []),
+        "answer": answer.get("answer", ""),
+        "citations": answer.get("citations", []),
+        "usage": answer.get("usage", {}),
+        "finish_reason": answer.get("finish_reason"),
+        "reader": answer.get("reader"),
+    }
+    ctx.metrics.observe_answer(record["model"], answer)
+    try:
+        await asyncio.to_thread(ctx.feedback.log_request, full)
+    except OSError as exc:  # the answer is still good; feedback on it will 404
+        log.error("could not write the request log: %s", exc)
+
+
+async def _stream(
+    ctx: IngressContext,
+    areq: AnswerRequest,
+    model_id: str,
+    deadline: Deadline,
+    rid: str,
+    created: int,
+    model: str,
+    record: dict[str, Any],
+    include_usage: bool,
+    id_headers: dict[str, str],
+) -> Response:
+    items = ctx.backend.answer_stream(areq, model_id, deadline=deadline)
+    # The first item is awaited before any byte is sent, so an overload, a timeout or a bad
+    # adapter before the first token is a proper status code rather than an event.
+    try:
+        first = await items.__anext__()
+    except StopAsyncIteration:
+        raise APIError(500, "the generator ended without an answer", type="server_error", code="internal_error") from None
+    if "error" in first:
+        await items.aclose()
+        raise APIError.from_dict(first["error"])
+
+    async def events() -> AsyncIterator[str]:
+        item: dict[str, Any] = first
+        try:
+            yield fmt.sse(fmt.chunk(rid, model, created, {"role": "assistant", "content": ""}))
+            while True:
+                if "delta" in item:
+                    yield fmt.sse(fmt.chunk(rid, model, created, {"content": item["delta"]}))
+                elif "final" in item:
+                    answer = item["final"]
+                    await _log_answer(ctx, record, answer)
+                    yield fmt.sse(fmt.final_chunk(rid, model, created, answer))
+                    if include_usage:
+                        yield fmt.sse(fmt.usage_chunk(rid, model, created, answer))
+                    break
+                elif "error" in item:
+                    yield fmt.sse(APIError.from_dict(item["error"]).body())
+                    break
+                item = await items.__anext__()
+        except StopAsyncIteration:
+            yield fmt.sse(APIError(500, "the answer stream ended early", type="server_error").body())
+        except APIError as err:  # e.g. the time limit passed mid-answer: the status is sent already
+            yield fmt.sse(err.body())
+        finally:
+            await items.aclose()
+        yield fmt.DONE
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **id_headers}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+async def _health(ctx: IngressContext) -> Response:
+    checks: dict[str, Any] = {}
+    ok = True
+    if ctx.deployment_status is not None:
+        try:
+            statuses = await asyncio.wait_for(ctx.deployment_status(), 5.0)
+        except Exception as exc:  # noqa: BLE001 - health must answer, not fail
+            statuses, ok = {}, False
+            checks["deployments_error"] = type(exc).__name__
+        checks["deployments"] = statuses
+        ok = ok and bool(statuses) and all(s == "HEALTHY" for s in statuses.values())
+    try:
+        store = await ctx.backend.retriever_health(deadline=Deadline(5.0))
+    except APIError as err:
+        store = {"ok": False, "error": err.message}
+    checks["vectorstore"] = store
+    ok = ok and bool(store.get("ok"))
+    return JSONResponse({"status": "ok" if ok else "unavailable", **checks}, status_code=200 if ok else 503)

@@ -1,0 +1,84 @@
+"""The ingress deployment: the FastAPI app of :mod:`ragops.serve.http_app` on Ray Serve.
+
+The app is built per replica (``__serve_build_asgi_app__``, Ray Serve's late-bound ingress)
+from the replica's own state: settings, API key digests, the downstream handles, a private
+metrics registry and the feedback store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import FastAPI
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from ragops.serve.auth import ApiKeys
+from ragops.serve.backend import HandleBackend
+from ragops.serve.feedback import FeedbackStore
+from ragops.serve.http_app import IngressContext, create_app
+from ragops.serve.metrics import ServeMetrics
+from ragops.serve.models import ModelCatalog
+from ragops.serve.replica import replica_settings
+
+#: How long a deployment-status answer is reused by /healthz (the controller is not hammered).
+STATUS_TTL_S = 1.0
+
+
+def feedback_dir(settings: Any) -> Any:
+    """Where the request log and feedback live (``serve.feedback_dir`` or ``<data_dir>/feedback``)."""
+    return settings.serve.feedback_dir or settings.data_dir / "feedback"
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    """HTTP front door: auth, validation, orchestration (embed → retrieve → generate), metrics.
+
+    Args:
+        settings: The app's settings as a dict.
+        keys: API key digests (never the keys).
+        embedder, retriever, generator: Handles of the other deployments.
+    """
+
+    def __init__(
+        self,
+        settings: dict[str, Any],
+        keys: ApiKeys,
+        embedder: DeploymentHandle,
+        retriever: DeploymentHandle,
+        generator: DeploymentHandle,
+    ) -> None:
+        self.settings = replica_settings(settings)
+        metrics = ServeMetrics()
+        self._status: tuple[float, dict[str, str]] = (0.0, {})
+        self.ctx = IngressContext(
+            settings=self.settings,
+            keys=keys,
+            backend=HandleBackend(embedder, retriever, generator, metrics, self.settings.serve.retry_after_s),
+            metrics=metrics,
+            feedback=FeedbackStore(feedback_dir(self.settings)),
+            catalog=ModelCatalog(self.settings),
+            deployment_status=self._deployment_status,
+        )
+
+    async def _deployment_status(self) -> dict[str, str]:
+        at, cached = self._status
+        if time.monotonic() - at < STATUS_TTL_S and cached:
+            return cached
+
+        def fetch() -> dict[str, str]:
+            app = serve.get_replica_context().app_name
+            st = serve.status().applications.get(app)
+            if st is None:
+                return {}
+            return {name: str(getattr(d.status, "value", d.status)) for name, d in st.deployments.items()}
+
+        statuses = await asyncio.to_thread(fetch)
+        self._status = (time.monotonic(), statuses)
+        return statuses
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_app(self.ctx)

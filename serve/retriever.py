@@ -1,0 +1,154 @@
+"""Retriever deployment: vector search (+ neighbour expansion and optional reranking).
+
+Holds the one open vector store of the app. Queries arrive already encoded (by the query
+embedder deployment); each call runs the library's :class:`~ragops.retrieval.search.Retriever`
+with a stand-in encoder that hands those vectors back, so search, filters, fusion and reranking
+are exactly ``ragops search``'s. Reranking (``retrieval.rerank.model``) runs in this replica:
+its cross-encoder needs the hits' text, which lives here.
+
+The embedded Qdrant Edge shard can be opened by one process only: the app refuses more than
+one replica of this deployment with the Edge backend, and a replica that starts while an old
+one still holds the shard (a redeploy) waits for it to be released. With a Qdrant server the
+deployment scales out and searches run ``serve.retriever.search_threads`` at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ray import serve
+
+from ragops.errors import StoreLockedError
+from ragops.retrieval.context import expand_neighbors
+from ragops.retrieval.encoder import EncodedQuery
+from ragops.retrieval.rerank import Reranker
+from ragops.retrieval.search import Retriever, SearchResult
+from ragops.serve.replica import replica_settings
+from ragops.vectorstore import VectorStore, open_store
+
+log = logging.getLogger(__name__)
+
+#: How long a new replica waits for a previous holder to release the Edge shard.
+LOCK_WAIT_S = 60.0
+
+
+class GivenQueryVectors:
+    """A query-encoder stand-in returning vectors computed elsewhere (the embedder deployment).
+
+    Args:
+        encoded: One encoded query per query the retriever will be asked.
+        model_name: The embedder's name (for the retriever's messages).
+    """
+
+    def __init__(self, encoded: Sequence[EncodedQuery], model_name: str) -> None:
+        self._encoded = list(encoded)
+        self.model_name = model_name
+
+    @property
+    def dim(self) -> int:
+        """Dense vector size."""
+        dense = self._encoded[0].dense if self._encoded else None
+        return int(dense.shape[-1]) if dense is not None else 0
+
+    def warm_up(self) -> None:
+        """Nothing to load."""
+
+    def encode_batch(self, queries: Sequence[str], *, with_dense: bool = True) -> list[EncodedQuery]:
+        """The given vectors (dense dropped when not wanted, as the real encoder does)."""
+        if len(queries) != len(self._encoded):
+            raise ValueError(f"{len(queries)} queries but {len(self._encoded)} encoded vectors")
+        if with_dense:
+            return list(self._encoded)
+        return [dataclasses.replace(q, dense=None) for q in self._encoded]
+
+
+@serve.deployment(name="Retriever")
+class RetrieverDeployment:
+    """Searches the collection with pre-encoded queries.
+
+    Args:
+        settings: The app's settings as a dict.
+    """
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = replica_settings(settings, "retriever")
+        edge = self.settings.vectorstore.backend == "edge"
+        # Edge is single-process and its queries take about a millisecond: one thread.
+        workers = 1 if edge else self.settings.serve.retriever.search_threads
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="search")
+        self._store: VectorStore = self._open()
+        rerank = self.settings.retrieval.rerank
+        self._reranker = Reranker(rerank, device=self.settings.embedder.device) if rerank.model else None
+        if self._reranker is not None:
+            self._reranker.warm_up()
+        # Fail at start (clear message) rather than on the first query.
+        self._retriever([]).spec  # noqa: B018 - checks the collection and its embedder
+
+    def _open(self) -> VectorStore:
+        s = self.settings
+        waited = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                return open_store(s.vectorstore, s.data_dir)
+            except StoreLockedError:
+                if time.monotonic() > waited:
+                    raise
+                time.sleep(0.5)  # the replica this one replaces may still be closing the shard
+
+    def _retriever(self, encoded: Sequence[EncodedQuery]) -> Retriever:
+        encoder = GivenQueryVectors(encoded, self.settings.embedder.model)
+        return Retriever(self.settings, store=self._store, encoder=encoder, reranker=self._reranker)  # type: ignore[arg-type]
+
+    async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    async def search(self, query: str, encoded: EncodedQuery, params: dict[str, Any]) -> SearchResult:
+        """``ragops search`` for one query: params ``k``, ``mode``, ``fusion``, ``filters``, ``score_threshold``."""
+        keys = ("k", "mode", "fusion", "filters", "score_threshold")
+        return await self._run(self._retriever([encoded]).search, query, **{k: params.get(k) for k in keys})
+
+    async def retrieve(self, query: str, encoded: EncodedQuery, params: dict[str, Any]) -> SearchResult:
+        """Hits for answering: :meth:`search`, then neighbour expansion (``retrieval.expand_neighbors``)."""
+        result = await self.search(query, encoded, params)
+        n = self.settings.retrieval.expand_neighbors
+        if n > 0 and result.hits:
+            hits = await self._run(expand_neighbors, result.hits, self._store, n)
+            result = dataclasses.replace(result, hits=hits)
+        return result
+
+    async def health(self) -> dict[str, Any]:
+        """Whether the store answers: ``{ok, backend, collection, points}``."""
+        try:
+            points = await self._run(self._store.count)
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            return {"ok": False, "backend": self.settings.vectorstore.backend, "error": str(exc)}
+        return {"ok": True, "backend": self.settings.vectorstore.backend, "collection": self._store.collection,
+                "points": points}  # fmt: skip
+
+    async def reload(self) -> dict[str, Any]:
+        """Close and reopen the store (e.g. after the collection was rebuilt on a Qdrant server)."""
+
+        def reopen() -> None:
+            self._store.close()
+            self._store = self._open()
+            self._retriever([]).spec  # noqa: B018
+
+        await self._run(reopen)
+        return await self.health()
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: the store is open and holds the collection."""
+        if self._store.get_spec() is None:
+            raise RuntimeError(f"collection '{self._store.collection}' is missing")
+
+    def __del__(self) -> None:
+        store = getattr(self, "_store", None)
+        if store is not None:
+            store.close()  # release the Edge lock for the next replica

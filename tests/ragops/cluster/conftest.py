@@ -1,0 +1,110 @@
+"""Fixtures for ragops.cluster: the vendored KubeRay CRD schemas, and a real local Ray head.
+
+The CRDs live outside the repository (``../shared/kuberay-crds`` from its root, see that
+folder's README): tests that need them skip with the reason when the folder is absent.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+import yaml
+
+REPO = Path(__file__).resolve().parents[3]
+CRD_DIR = REPO.parent / "shared" / "kuberay-crds"
+CRD_FILES = {
+    "RayCluster": "ray.io_rayclusters.yaml",
+    "RayJob": "ray.io_rayjobs.yaml",
+    "RayService": "ray.io_rayservices.yaml",
+}
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def cluster_cli() -> typer.Typer:
+    """A CLI with the three sub-apps, so these tests do not depend on cli.py registering them."""
+    from ragops.commands.cluster import cluster_app, job_app, kuberay_app
+
+    app = typer.Typer(pretty_exceptions_enable=False)
+    app.add_typer(job_app, name="job")
+    app.add_typer(cluster_app, name="cluster")
+    app.add_typer(kuberay_app, name="kuberay")
+    return app
+
+
+def strictify(schema: Any) -> Any:
+    """``additionalProperties: false`` wherever ``properties`` is listed without it (rejects typos)."""
+    if isinstance(schema, list):
+        return [strictify(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strictify(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+class CrdValidator:
+    """Validates manifests against the v1 openAPIV3Schema of each KubeRay CRD (Draft 7)."""
+
+    def __init__(self, crd_dir: Path) -> None:
+        from jsonschema import Draft7Validator
+
+        self.validators: dict[str, tuple[Any, Any]] = {}
+        for kind, file in CRD_FILES.items():
+            crd = yaml.load((crd_dir / file).read_text(), Loader=_Loader)
+            schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+            self.validators[kind] = (Draft7Validator(schema), Draft7Validator(strictify(copy.deepcopy(schema))))
+
+    def errors(self, manifest: dict[str, Any]) -> list[str]:
+        """Problems of one manifest: apiVersion/kind (the schema does not check them), then the
+        plain schema and the strict copy (unknown fields)."""
+        kind = manifest.get("kind")
+        if manifest.get("apiVersion") != "ray.io/v1":
+            return [f"apiVersion is {manifest.get('apiVersion')!r}, expected 'ray.io/v1'"]
+        if kind not in self.validators:
+            return [f"kind {kind!r} is not one of {sorted(self.validators)}"]
+        out = []
+        for label, validator in zip(("schema", "strict"), self.validators[kind]):
+            for e in validator.iter_errors(manifest):
+                out.append(f"[{label}] {'/'.join(map(str, e.absolute_path))}: {e.message}")
+        return out
+
+
+@pytest.fixture(scope="session")
+def crds() -> CrdValidator:
+    """The CRD validators (skips when the vendored CRDs or jsonschema are missing)."""
+    pytest.importorskip("jsonschema", reason="jsonschema is needed to validate manifests (pip install jsonschema)")
+    if not all((CRD_DIR / f).is_file() for f in CRD_FILES.values()):
+        pytest.skip(f"KubeRay CRDs not found at {CRD_DIR} (expected the shared/kuberay-crds folder beside the repository)")
+    return CrdValidator(CRD_DIR)
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[Any]:
+    """A real local Ray head with the Jobs API and token auth, started by ``ragops cluster up``'s
+    code on free ports and its own short temp dir, so it never touches the test session's
+    in-process Ray; stopped (its processes only) at the end."""
+    from ragops.cluster.localhead import _free_port, start_head, stop_head
+
+    registry = Path(tempfile.mkdtemp(prefix="rgh-"))
+    temp = Path(tempfile.mkdtemp(prefix="rgt-", dir="/tmp"))
+    env = {**os.environ, "RAGOPS_HEADS_DIR": str(registry)}
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        env.pop(name, None)
+    port = _free_port()
+    head, _ = start_head(port, num_cpus=2, temp_dir=temp, timeout_s=150, environ=env)
+    head_env = env
+    try:
+        yield head, head_env
+    finally:
+        stop_head(head, environ=env)
+        shutil.rmtree(registry, ignore_errors=True)
+        shutil.rmtree(temp, ignore_errors=True)

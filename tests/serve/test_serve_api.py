@@ -1,0 +1,181 @@
+"""The served app through HTTP: the official openai client, search, feedback, auth, metrics."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.serve.conftest import ADMIN_KEY, CHAT_KEY, Served, chat_body
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def oai(served: Served) -> openai.OpenAI:
+    """The official OpenAI client pointed at the app."""
+    return openai.OpenAI(base_url=f"{served.url}/v1", api_key=CHAT_KEY, max_retries=0, timeout=60)
+
+
+def _feedback_lines(served: Served, name: str) -> list[dict]:
+    path = served.feedback_dir / name
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_openai_client_chat(oai: openai.OpenAI, served: Served) -> None:
+    raw = oai.chat.completions.with_raw_response.create(
+        model="ragops", messages=[{"role": "user", "content": "What is MIG?"}], max_tokens=5, temperature=0, seed=1
+    )
+    resp = raw.parse()
+    assert resp.object == "chat.completion" and resp.model == "ragops"
+    assert resp.choices[0].message.role == "assistant" and isinstance(resp.choices[0].message.content, str)
+    assert resp.choices[0].finish_reason == "length"  # the tiny model never emits EOS
+    assert resp.usage.completion_tokens == 5 and resp.usage.total_tokens == resp.usage.prompt_tokens + 5
+    assert raw.headers["x-request-id"] == resp.id
+    extra = resp.model_extra or {}
+    assert isinstance(extra["citations"], list)
+    for c in extra["citations"]:
+        assert set(c) == {"n", "doc_id", "chunk_id", "source", "score"}
+    # The request log holds what feedback will be joined with.
+    logged = [r for r in _feedback_lines(served, "requests.jsonl") if r["request_id"] == resp.id]
+    assert logged and logged[-1]["answer"] == resp.choices[0].message.content
+    assert logged[-1]["question"] == "What is MIG?" and logged[-1]["passages"]
+    assert set(logged[-1]["passages"][0]) == {"n", "doc_id", "chunk_id", "source", "score", "text"}
+
+
+def test_openai_client_streaming(oai: openai.OpenAI) -> None:
+    stream = oai.chat.completions.create(
+        model="ragops",
+        messages=[{"role": "user", "content": "How do I request a GPU in Kubernetes?"}],
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"rag": {"reader": "fid", "k": 3}},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == "length"
+    citations = (finals[0].model_extra or {})["citations"]
+    assert citations and all(c["doc_id"] for c in citations)  # FiD always attributes its answer
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_stream_and_whole_answer_agree(api: httpx.Client) -> None:
+    whole = api.post("/v1/chat/completions", json=chat_body(max_tokens=6)).json()
+    with api.stream("POST", "/v1/chat/completions", json=chat_body(max_tokens=6, stream=True)) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert streamed == whole["choices"][0]["message"]["content"]  # greedy: batched == streamed
+    assert chunks[-1]["citations"] == whole["citations"]
+
+
+def test_openai_client_embeddings_and_models(oai: openai.OpenAI, served: Served) -> None:
+    emb = oai.embeddings.create(model="ragops-embedding", input=["GPU sharing", "Ray Serve"])  # client asks base64
+    assert [d.index for d in emb.data] == [0, 1] and len(emb.data[0].embedding) == 32
+    floats = oai.embeddings.create(model="ragops-embedding", input="GPU sharing", encoding_format="float")
+    assert floats.data[0].embedding == pytest.approx(emb.data[0].embedding, abs=1e-6)
+    assert emb.usage.prompt_tokens > 0
+    ids = [m.id for m in oai.models.list().data]
+    assert {"ragops", "tiny-lora", "ragops-embedding"} <= set(ids)
+    with pytest.raises(openai.NotFoundError):
+        oai.embeddings.create(model="text-embedding-3-small", input="x")
+
+
+def test_adapter_is_multiplexed(api: httpx.Client) -> None:
+    base = api.post("/v1/chat/completions", json=chat_body(max_tokens=8)).json()
+    tuned = api.post("/v1/chat/completions", json={**chat_body(max_tokens=8), "model": "tiny-lora"})
+    assert tuned.status_code == 200, tuned.text
+    assert tuned.json()["model"] == "tiny-lora"
+    assert tuned.json()["choices"][0]["message"]["content"] != base["choices"][0]["message"]["content"]
+    unknown = api.post("/v1/chat/completions", json={**chat_body(), "model": "no-such-adapter"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    path_like = api.post("/v1/chat/completions", json={**chat_body(), "model": "/etc"})
+    assert path_like.status_code == 404
+
+
+def test_search_matches_cli_shape(api: httpx.Client) -> None:
+    r = api.post("/v1/search", json={"query": "MIG Multi-Instance GPU partitions", "k": 3, "mode": "sparse"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["mode"] == "sparse" and len(body["hits"]) == 3
+    assert set(body["hits"][0]) >= {"rank", "score", "doc_id", "chunk_id", "text", "source", "metadata"}
+    assert "gpus/mig.md" in [h["doc_id"] for h in body["hits"]]
+    filtered = api.post("/v1/search", json={"query": "GPU", "filters": {"source": "*kubernetes/*"}}).json()["hits"]
+    assert filtered and all(h["doc_id"].startswith("kubernetes/") for h in filtered)
+    bad = api.post("/v1/search", json={"query": "GPU", "filters": {"colour": "red"}})
+    assert bad.status_code == 400 and "unknown filter key" in bad.json()["error"]["message"]
+
+
+def test_feedback_roundtrip(api: httpx.Client, served: Served) -> None:
+    r = api.post("/v1/chat/completions", json=chat_body("What is time-slicing?"))
+    rid = r.headers["x-request-id"]
+    assert r.json()["id"] == rid
+    fb = api.post("/v1/feedback", json={"request_id": rid, "rating": "down", "comment": "vague",
+                                        "preferred_answer": "Sharing a GPU by time."})  # fmt: skip
+    assert fb.status_code == 200 and fb.json()["stored"] is True
+    record = [x for x in _feedback_lines(served, "feedback.jsonl") if x["request_id"] == rid][-1]
+    assert set(record) == {"request_id", "question", "passages", "answer", "model", "rating", "comment",
+                           "preferred_answer", "created"}  # fmt: skip
+    assert record["question"] == "What is time-slicing?" and record["rating"] == "down"
+    assert record["answer"] == r.json()["choices"][0]["message"]["content"]
+    assert record["passages"] and "text" in record["passages"][0]
+    missing = api.post("/v1/feedback", json={"request_id": "no-such-request", "rating": "up"})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "request_not_found"
+
+
+@pytest.mark.parametrize(
+    "method, path, key, status",
+    [
+        ("GET", "/v1/models", None, 401),
+        ("GET", "/v1/models", "wrong-key", 401),
+        ("GET", "/v1/models", CHAT_KEY, 200),
+        ("GET", "/v1/models", ADMIN_KEY, 200),
+        ("POST", "/v1/admin/reload", None, 401),
+        ("POST", "/v1/admin/reload", CHAT_KEY, 403),
+        ("POST", "/v1/admin/reload", ADMIN_KEY, 200),
+        ("POST", "/v1/search", None, 401),
+        ("GET", "/healthz", None, 200),
+        ("GET", "/metrics", None, 200),
+        ("GET", "/", None, 200),
+    ],
+)
+def test_auth_matrix(served: Served, method: str, path: str, key: str | None, status: int) -> None:
+    with served.client(key) as c:
+        body = {"query": "GPU"} if path == "/v1/search" else None
+        r = c.request(method, path, json=body)
+    assert r.status_code == status, r.text
+    if status >= 400:
+        err = r.json()["error"]
+        assert err["type"] in ("authentication_error", "permission_error") and err["message"]
+        for secret in (CHAT_KEY, ADMIN_KEY, "wrong-key"):
+            assert secret not in r.text
+
+
+def test_anonymous_malformed_request_gets_401_not_400(served: Served) -> None:
+    with served.client(None) as c:
+        r = c.post("/v1/chat/completions", content=b"{not json")
+    assert r.status_code == 401  # auth is checked before the body is looked at
+
+
+def test_health_metrics_and_page(api: httpx.Client) -> None:
+    health = api.get("/healthz").json()
+    assert health["status"] == "ok" and health["vectorstore"]["ok"] and health["vectorstore"]["points"] > 0
+    assert set(health["deployments"]) == {"Ingress", "QueryEmbedder", "Retriever", "Generator"}
+    api.post("/v1/chat/completions", json=chat_body(max_tokens=3))
+    text = api.get("/metrics").text
+    for series in ("ragops_http_requests_total", "ragops_http_request_duration_seconds_bucket",
+                   "ragops_completion_tokens_total", "ragops_retrieval_duration_seconds_bucket",
+                   "ragops_downstream_inflight_calls", "ragops_http_inflight_requests", "ragops_rejections_total"):  # fmt: skip
+        assert series in text, series
+    page = api.get("/")
+    assert page.headers["content-type"].startswith("text/html")
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'sha256-" in csp and "unsafe-inline" not in csp
