@@ -52,6 +52,8 @@ class StepMetrics(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._step_at_log = state.global_step
         self._time_at_log = self._train_time
+        # TRL counts tokens from 0 in each trainer (also after a resume).
+        self._tokens_at_log = 0.0
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._step_started = time.perf_counter()

@@ -112,6 +112,11 @@ def materialize_base(source: BaseModelSource, cache_root: Path) -> BaseModelSour
             try:
                 tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
                 model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file)
+                # The weights are already dequantized float tensors; transformers still flags the
+                # model as GGUF-quantized and refuses to save it. Drop the flag, save plain weights.
+                model.hf_quantizer = None
+                if hasattr(model.config, "quantization_config"):
+                    del model.config.quantization_config
                 model.save_pretrained(tmp, safe_serialization=True)
                 tok.save_pretrained(tmp)
                 (tmp / ".complete").write_text("ok\n")

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,26 @@ from ragops.runs import RunRecord, RunStore
 
 TrainKind = Literal["sft", "reward"]
 Progress = Callable[[dict[str, Any]], None]
+#: Chaos drill: ``RAGOPS_TRAIN_FAULT="step=3,rank=1,marker=/tmp/killed"`` kills that worker once.
+FAULT_ENV = "RAGOPS_TRAIN_FAULT"
+
+
+def fault_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any] | None:
+    """Parse :data:`FAULT_ENV` (``step=N[,rank=R][,marker=PATH]``) into a fault spec.
+
+    Raises:
+        InputError: a malformed value.
+    """
+    raw = (os.environ if environ is None else environ).get(FAULT_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        spec = dict(item.split("=", 1) for item in raw.split(","))
+        fault: dict[str, Any] = {"step": int(spec["step"]), "rank": int(spec.get("rank", 0))}
+    except (KeyError, ValueError):
+        raise InputError(f"{FAULT_ENV}='{raw}': expected step=N[,rank=R][,marker=PATH]") from None
+    fault["marker"] = spec.get("marker") or str(Path(tempfile.gettempdir()) / f"ragops-fault-{fault['step']}-{fault['rank']}")
+    return fault
 
 
 class TrainingFailed(RagopsError):
@@ -174,7 +195,9 @@ def train(
         parent: Artifact this one derives from (recorded).
         progress: Called with each per-step metrics row (step, loss, tokens_per_s, ...).
         on_event: Called with ("data" | "run" | "publish", details) at each stage.
-        fault: Fault injection for drills and tests: ``{"step", "marker", "rank"}``.
+        fault: Fault injection for drills and tests: ``{"step", "marker", "rank"}`` (default:
+            :data:`FAULT_ENV`, so a CLI run can be drilled too). The worker of that rank exits
+            abruptly after that step, once; Ray Train restarts the group from the latest checkpoint.
 
     Raises:
         InputError: bad data or resume target; ConfigError: bad settings (e.g. QLoRA on CPU);
@@ -189,6 +212,7 @@ def train(
     if kind not in ("sft", "reward"):
         raise InputError(f"unknown training kind '{kind}'; allowed: sft, reward")
     emit = on_event or (lambda _stage, _info: None)
+    fault = fault if fault is not None else fault_from_env()
     settings = _with_overrides(settings, kind, workers, use_gpu, max_steps)
     ft = settings.finetune
     section = ft.sft if kind == "sft" else ft.reward

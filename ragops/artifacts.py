@@ -62,8 +62,9 @@ ALLOWED_SUFFIXES = (".safetensors", ".json", ".jinja", ".txt", ".md", ".model")
 
 
 def utc_now() -> str:
-    """ISO-8601 UTC timestamp with seconds, e.g. ``2026-11-25T15:30:12Z``."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """ISO-8601 UTC timestamp with milliseconds (sortable), e.g. ``2026-11-25T15:30:12.345Z``."""
+    now = datetime.now(timezone.utc)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 
 def new_name(kind: str, now: datetime | None = None) -> str:

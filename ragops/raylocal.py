@@ -20,11 +20,14 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
 
     cfg = cfg or RayConfig()
     if not ray.is_initialized():
-        address = cfg.address or os.environ.get("RAY_ADDRESS")
+        address = driver_address(cfg.address, os.environ.get("RAY_ADDRESS"))
         kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": False, "logging_level": logging.ERROR}
         if address:
             kwargs["address"] = address
         else:
+            if _is_dashboard_url(os.environ.get("RAY_ADDRESS")):
+                # ray.init() reads RAY_ADDRESS itself, and a dashboard URL is not joinable.
+                kwargs["address"] = "local"
             kwargs["include_dashboard"] = False
             if cfg.num_cpus:
                 kwargs["num_cpus"] = cfg.num_cpus
@@ -41,6 +44,24 @@ def ensure_ray(cfg: RayConfig | None = None) -> None:
     ctx.print_on_execution_start = False
     if hasattr(ctx, "enable_rich_progress_bars"):
         ctx.enable_rich_progress_bars = False
+
+
+def _is_dashboard_url(address: str | None) -> bool:
+    return bool(address) and address.startswith(("http://", "https://"))  # type: ignore[union-attr]
+
+
+def driver_address(configured: str | None, env_address: str | None) -> str | None:
+    """The address ``ray.init`` should join, or None to start a local Ray.
+
+    ``ray.address`` may be a dashboard URL (``http://head:8265``): that is where
+    ``ragops job submit`` sends jobs, not something a driver can join. Inside a job, Ray sets
+    ``RAY_ADDRESS`` to the cluster's own address, which then wins over such a URL.
+    """
+    if configured and not _is_dashboard_url(configured):
+        return configured
+    if env_address and not _is_dashboard_url(env_address):
+        return env_address
+    return None
 
 
 def unwrap_ray_error(exc: BaseException) -> BaseException:

@@ -213,16 +213,17 @@ class RunStore:
             self.storage.append_text(f"{run_id}/{self.METRICS}", lines)
 
     def metrics(self, run_id: str) -> list[dict[str, Any]]:
-        """Per-step rows, one per (step, kind of row), the last write winning, in step order."""
+        """Per-step rows, one per (step, train|eval), the last write winning, in step order."""
         text = self.storage.read_text(run_id, self.METRICS) or ""
-        rows: dict[tuple[int, str], dict[str, Any]] = {}
+        rows: dict[tuple[int, int], dict[str, Any]] = {}
         for line in text.splitlines():
             try:
                 row = json.loads(line)
             except ValueError:
                 continue  # a torn last line (crash mid-write)
-            key = (int(row.get("step", 0)), "eval" if any(k.startswith("eval_") for k in row) else "train")
-            rows[key] = {**rows.get(key, {}), **row}
+            # Training and evaluation rows of one step are kept apart (train first).
+            key = (int(row.get("step", 0)), 1 if any(k.startswith("eval_") for k in row) else 0)
+            rows[key] = row
         return [rows[k] for k in sorted(rows)]
 
     def write_parquet(self, run_id: str) -> str | None:

@@ -156,14 +156,18 @@ class ResultStream(Iterator[str], Generic[T]):
 
 
 def resolve_adapter(ref: str | Path) -> Path:
-    """Return the folder of a LoRA adapter.
+    """Return the local folder of a LoRA adapter: a path, or a registry name or alias.
 
-    For now ``ref`` must be a path to a folder written by peft's ``save_pretrained`` (holding
-    ``adapter_config.json``); resolving adapter names through the artifact registry comes later
-    and will plug in here.
+    ``ref`` may be a folder written by peft's ``save_pretrained`` (holding
+    ``adapter_config.json``), or the name or alias of a generator artifact in the registry
+    (``sft-latest``, ``sft-20261125-1530-ab12``, ``prod``), looked up in the registry of the
+    environment's settings (:func:`ragops.artifacts.default_registry`). The adapter must have
+    been trained on ``generator.model``: :func:`ragops.artifacts.apply_model` (what
+    ``ragops ask --model NAME`` uses) sets both from the artifact.
 
     Raises:
-        ModelNotFoundError: the path does not exist or is not a peft adapter folder.
+        ModelNotFoundError: the path is not a peft adapter folder, or the name is neither a
+            path nor a registry artifact/alias (or is a reward model).
     """
     path = Path(ref).expanduser()
     if path.is_file() and path.name == "adapter_config.json":
@@ -175,9 +179,15 @@ def resolve_adapter(ref: str | Path) -> Path:
             f"LoRA adapter '{ref}': {path} holds no adapter_config.json; point generator.adapter at the "
             "folder written by peft's save_pretrained"
         )
+    from ragops import artifacts
+
+    if artifacts.looks_like_ref(str(ref)):
+        registry = artifacts.default_registry()
+        if registry.has(str(ref)):
+            return artifacts.adapter_dir(str(ref), registry=registry)
     raise ModelNotFoundError(
         f"LoRA adapter '{ref}' not found: generator.adapter takes the path of a folder holding "
-        "adapter_config.json and the adapter weights (adapter names are not resolved yet)"
+        "adapter_config.json, or the name or alias of a trained artifact (see `ragops models list`)"
     )
 
 

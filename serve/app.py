@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
@@ -69,6 +70,7 @@ def build_application(settings: Settings, *, keys: ApiKeys | None = None) -> App
     from ragops.serve.retriever import RetrieverDeployment
 
     check_topology(settings)
+    settings = _absolute_paths(settings)
     keys = keys if keys is not None else ApiKeys.from_env(os.environ)
     sc = settings.serve
     data = settings.model_dump(mode="json")
@@ -79,6 +81,23 @@ def build_application(settings: Settings, *, keys: ApiKeys | None = None) -> App
     # Refusals at the proxy (the ingress queue is full) carry Retry-After too.
     ingress_opts["backpressure_config"] = {"status_code": 503, "retry_after_s": sc.retry_after_s}
     return Ingress.options(**ingress_opts).bind(data, keys, embedder, retriever, generator)
+
+
+def _absolute_paths(settings: Settings) -> Settings:
+    """Settings with the data and feedback directories made absolute.
+
+    Replicas are other processes whose working directory is Ray's, not the caller's: a
+    relative ``.ragops`` would point somewhere else there.
+    """
+    serve = settings.serve
+    if serve.feedback_dir is not None:
+        serve = serve.model_copy(update={"feedback_dir": serve.feedback_dir.expanduser().resolve()})
+    update: dict[str, Any] = {"data_dir": settings.data_dir.expanduser().resolve(), "serve": serve}
+    finetune = getattr(settings, "finetune", None)
+    registry = getattr(finetune, "registry_path", None)
+    if isinstance(registry, str) and registry and "://" not in registry and not Path(registry).is_absolute():
+        update["finetune"] = finetune.model_copy(update={"registry_path": str(Path(registry).expanduser().resolve())})
+    return settings.model_copy(update=update)
 
 
 def _as_list(value: Any) -> list[str]:

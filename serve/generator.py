@@ -6,9 +6,9 @@
 * Streaming answers run the reader's stream; every decoding step is one task on the replica's
   single model thread, so concurrent streams (and batches) interleave token by token instead
   of waiting for each other to finish.
-* Adapters: the multiplexed model id is the served adapter name; the loader builds a
-  :class:`Generator` whose ``cfg.adapter`` is that name's reference (registry name/alias or
-  path, resolved by :func:`~ragops.retrieval.generation.resolve_adapter`) and keeps at most
+* Adapters: the multiplexed model id is a served adapter name or a registry artifact name
+  (see :mod:`ragops.serve.models`); the loader builds a :class:`Generator` whose
+  ``cfg.adapter`` is that adapter (on the base model it was trained on) and keeps at most
   ``serve.generator.max_adapters_per_replica`` of them (LRU, Ray Serve's multiplexing).
 
 The model is not thread-safe and, on a CPU, two concurrent forward passes only thrash the
@@ -61,11 +61,12 @@ class GeneratorDeployment:
         self._adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)(load_adapter_generator)
 
     async def _load(self, model_id: str) -> Generator:
-        ref = self.catalog.adapter_ref(model_id)
-        gen_cfg = self.settings.generator.model_copy(update={"adapter": ref, "model": self.catalog.adapter_base(model_id)})
+        loop = asyncio.get_running_loop()
+        # Registry look-ups (and downloads from a remote registry) are I/O: off the event loop.
+        gen_cfg = await loop.run_in_executor(self._load_thread, self.catalog.generator_config, model_id)
         gen = Generator(gen_cfg)
-        await asyncio.get_running_loop().run_in_executor(self._load_thread, gen.warm_up)
-        log.info("loaded adapter %s (%s)", model_id, ref)
+        await loop.run_in_executor(self._load_thread, gen.warm_up)
+        log.info("loaded adapter %s (%s on %s)", model_id, gen_cfg.adapter, gen_cfg.model)
         return gen
 
     async def _generator(self) -> Generator:

@@ -319,8 +319,9 @@ def check_store_placement(spec: JobSpec, address: str, is_local: bool, node_coun
     if is_local:
         return []
     counted = "has one node now" if node_count == 1 else "could not be asked how many nodes it has"
-    return [
+    warning = (
         f"`{cmd}` uses the embedded Qdrant Edge store on a remote cluster that {counted}: the shard will live "
         f"under {s.data_dir} on the node that runs the job, invisible to other nodes and lost with the pod "
         f"unless that path is shared storage. {fix}"
-    ]
+    )
+    return [warning]

@@ -38,21 +38,43 @@ def env_value(value: Any) -> str:
 
 
 def settings_overrides(settings: Settings) -> list[tuple[str, str]]:
-    """``(dotted.key, value text)`` for every setting that differs from the built-in defaults.
+    """``(dotted.key, value text)`` that rebuild ``settings`` from the built-in defaults.
 
-    The value text parses back (``--set``/env rules) into the same value.
+    Starts from the values that differ from the defaults, then adds any value the loader would
+    still get wrong: a partial override of a nested model rebuilds it from its *class*
+    defaults, not from its field's default (``serve.ingress.autoscaling`` defaults to
+    ``target_ongoing_requests=32``, but overriding only ``max_replicas`` yields 2.0), so
+    those siblings must be spelled out too. Checked by loading the result.
 
     Raises:
         ConfigError: a secret (``SecretStr``) is set in the configuration: secrets go into the
             cluster's environment by reference, never into a manifest.
     """
-    current = settings.model_dump(mode="json")
-    default = Settings.model_validate({}).model_dump(mode="json")
+    from ragops.config import load_settings
+
     _refuse_secrets(settings, "")
-    out: list[tuple[str, str]] = []
-    for key in current:
-        _walk([key], current[key], default.get(key), out)
-    return out
+    target = settings.model_dump(mode="json")
+    found: dict[str, str] = {}
+    baseline = Settings.model_validate({}).model_dump(mode="json")
+    for _ in range(8):
+        diff: list[tuple[str, str]] = []
+        for key in target:
+            _walk([key], target[key], baseline.get(key), diff)
+        if not diff:
+            order = {k: i for i, k in enumerate(_leaf_keys(target))}
+            return sorted(found.items(), key=lambda kv: order.get(kv[0], len(order)))
+        found.update(diff)
+        baseline = load_settings([], [f"{k}={v}" for k, v in found.items()], environ={}).model_dump(mode="json")
+    raise ConfigError("these settings cannot be written as overrides (they do not load back the same)")
+
+
+def _leaf_keys(tree: Any, path: tuple[str, ...] = ()) -> list[str]:
+    if isinstance(tree, dict) and tree:
+        keys = [".".join((*path, k)) for k in tree] if path else []
+        for k, v in tree.items():
+            keys += _leaf_keys(v, (*path, k))
+        return keys
+    return [".".join(path)]
 
 
 def settings_env(settings: Settings) -> list[tuple[str, str]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -68,7 +69,7 @@ class JobClient:
             if job_id and ("404" in text or "does not exist" in text):
                 raise ClusterError(f"no job '{job_id}' on {self.conn.address}") from None
             raise ClusterError(f"the Jobs API at {self.conn.address} failed: {text.splitlines()[0][:300]}") from None
-        except Exception as exc:  # noqa: BLE001 - aiohttp errors of the log stream, mapped by status
+        except Exception as exc:  # aiohttp errors of the log stream, mapped by their HTTP status
             status = getattr(exc, "status", None)
             if status in (401, 403):
                 raise auth_error(self.conn, status) from None
@@ -81,6 +82,11 @@ class JobClient:
         """The underlying ``JobSubmissionClient`` (created on first use; checks the connection)."""
         if self._client is None:
             from ray.job_submission import JobSubmissionClient
+
+            # Ray's import installs INFO-level handlers ("Uploading package...", "WebSocket
+            # closed..."): our own lines say what happens, Ray's warnings still show.
+            for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+                logging.getLogger(name).setLevel(logging.WARNING)
 
             with self._errors():
                 self._client = JobSubmissionClient(self.conn.address, headers=self.conn.headers)

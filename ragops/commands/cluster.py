@@ -114,7 +114,7 @@ def job_submit(
         raise RagopsError(f"--working-dir {working_dir} is not a folder")
     reqs = list(pip or [])
     if pip_project:
-        reqs += project_requirements(wd or Path(".").resolve())
+        reqs += project_requirements(wd or Path.cwd())
     spec = build_job(command, working_dir=wd, pip=reqs, env_names=env or [], submission_id=submission_id)
     conn = connect(address, spec.settings.ray.address if spec.settings else None)
     if spec.settings is not None and spec.settings.vectorstore.backend == "edge":
@@ -408,7 +408,14 @@ def kuberay_render(
     (RayJob, RayCluster) or as build_app arguments in serveConfigV2 (RayService); secrets
     as Secret references; worker groups follow the stages' CPU/GPU settings.
     """
-    from ragops.cluster.kuberay import RenderOptions, parse_secret_env, render_cluster, render_job, render_service, to_yaml
+    from ragops.cluster.kuberay import (
+        RenderOptions,
+        parse_secret_env,
+        render_cluster,
+        render_job,
+        render_service,
+        to_yaml,
+    )
     from ragops.cluster.resources import JOB_KINDS, PodShape, Shapes
     from ragops.config import load_settings
     from ragops.errors import InputError

@@ -1,0 +1,204 @@
+"""Serving pieces that need no Ray: config, auth, feedback store, batched answering, request rules."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from ragops.config import load_settings
+from ragops.errors import ConfigError
+from ragops.serve.auth import ApiKeys, Role, authorize, check_bind, is_loopback
+from ragops.serve.config import AutoscalingSettings, GeneratorSettings, ServeConfig
+from ragops.serve.errors import APIError
+from ragops.serve.feedback import FeedbackStore
+
+# -- config ---------------------------------------------------------------------------------
+
+
+def test_serve_config_defaults_fit_a_two_core_laptop() -> None:
+    sc = load_settings(environ={}).serve
+    total = sum(getattr(sc, d).num_cpus for d in ("ingress", "embedder", "retriever", "generator"))
+    assert total <= 2 and sc.host == "127.0.0.1"
+    assert sc.generator.autoscaling.max_replicas == 1 and sc.retriever.autoscaling.max_replicas == 1
+    opts = sc.generator.deployment_options()
+    assert opts["ray_actor_options"] == {"num_cpus": 1.0}
+    assert opts["autoscaling_config"]["min_replicas"] == 1 and opts["max_queued_requests"] == 32
+
+
+def test_serve_config_is_validated_and_overridable() -> None:
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        GeneratorSettings(max_batch_size=32, max_ongoing_requests=8)
+    with pytest.raises(ValidationError, match="min_replicas"):
+        AutoscalingSettings(min_replicas=3, max_replicas=2)
+    with pytest.raises(ValidationError):
+        ServeConfig(default_k=60, max_k=50)
+    s = load_settings([], ["serve.generator.num_gpus=0.5", "serve.ingress.autoscaling.max_replicas=4"],
+                      environ={"RAGOPS_SERVE__PORT": "9001"})  # fmt: skip
+    assert s.serve.port == 9001 and s.serve.ingress.autoscaling.max_replicas == 4
+    assert s.serve.generator.deployment_options()["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5}
+    with pytest.raises(ConfigError, match="serve.generator.max_batch"):
+        load_settings([], ["serve.generator.max_batch"], environ={})
+
+
+def test_edge_store_allows_one_retriever_replica() -> None:
+    from ragops.serve.app import check_topology
+
+    with pytest.raises(ConfigError, match="one process only.*Qdrant server"):
+        check_topology(load_settings([], ["serve.retriever.autoscaling.max_replicas=2"], environ={}))
+    check_topology(load_settings([], ["serve.retriever.autoscaling.max_replicas=4", "vectorstore.backend=qdrant",
+                                      "vectorstore.url=http://qdrant:6333"], environ={}))  # fmt: skip
+
+
+def test_build_app_refuses_unknown_arguments() -> None:
+    from ragops.serve.app import build_app
+
+    with pytest.raises(ConfigError, match="unknown build_app argument"):
+        build_app({"configs": "x.yaml"})
+
+
+# -- auth -----------------------------------------------------------------------------------
+
+
+def test_api_keys_roles_and_secrecy() -> None:
+    keys = ApiKeys.from_env({"RAGOPS_API_KEYS_CHAT": " c1, c2 ,", "RAGOPS_API_KEYS_ADMIN": "a1"})
+    assert keys.enabled and keys.role_of("c2") is Role.CHAT and keys.role_of("a1") is Role.ADMIN
+    assert keys.role_of("nope") is None and keys.role_of("") is None
+    assert "c1" not in repr(keys) and keys.chat[0] not in repr(keys)
+    assert authorize(keys, "Bearer a1", Role.ADMIN) is Role.ADMIN
+    assert authorize(keys, "bearer c1", Role.CHAT) is Role.CHAT
+    for header, role, status in [(None, Role.CHAT, 401), ("Bearer", Role.CHAT, 401), ("Basic c1", Role.CHAT, 401),
+                                 ("Bearer zz", Role.CHAT, 401), ("Bearer c1", Role.ADMIN, 403)]:  # fmt: skip
+        with pytest.raises(APIError) as exc:
+            authorize(keys, header, role)
+        assert exc.value.status == status and "c1" not in exc.value.message
+    assert authorize(ApiKeys(), None, Role.ADMIN) is None  # no keys: open (loopback only, see below)
+
+
+def test_bind_policy() -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and not is_loopback("0.0.0.0")
+    check_bind("127.0.0.1", ApiKeys(), insecure=False)
+    check_bind("0.0.0.0", ApiKeys.from_keys(["k"]), insecure=False)
+    check_bind("0.0.0.0", ApiKeys(), insecure=True)
+    with pytest.raises(ConfigError, match="RAGOPS_API_KEYS_CHAT.*--insecure"):
+        check_bind("0.0.0.0", ApiKeys(), insecure=False)
+
+
+# -- feedback store ---------------------------------------------------------------------------
+
+
+def test_feedback_joins_the_request_log(tmp_path: Path) -> None:
+    store = FeedbackStore(tmp_path / "fb")
+    passages = [{"n": 1, "doc_id": "a.md", "chunk_id": "c1", "source": "/d/a.md", "score": 0.5, "text": "A."}]
+    store.log_request({"request_id": "r1", "question": "q?", "passages": passages, "answer": "A [1]", "model": "ragops"})
+    assert store.add_feedback("nope", "up") is None
+    rec = store.add_feedback("r1", "down", comment="meh", preferred_answer="B")
+    assert rec == {"request_id": "r1", "question": "q?", "passages": passages, "answer": "A [1]", "model": "ragops",
+                   "rating": "down", "comment": "meh", "preferred_answer": "B", "created": rec["created"]}  # fmt: skip
+    lines = (tmp_path / "fb" / "feedback.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1]) == rec
+
+
+def test_feedback_finds_old_requests_in_a_large_log(tmp_path: Path) -> None:
+    writer = FeedbackStore(tmp_path)
+    for i in range(400):  # ~200 KB: several blocks of the backwards reader
+        writer.log_request({"request_id": f"r{i}", "question": "x" * 500, "answer": str(i)})
+    with open(tmp_path / "requests.jsonl", "a") as f:
+        f.write('{"request_id": "torn')  # a crash mid-write leaves a partial last line
+    reader = FeedbackStore(tmp_path)  # a fresh replica: nothing in memory
+    assert reader.find_request("r0")["answer"] == "0"
+    assert reader.find_request("r399")["answer"] == "399"
+    assert reader.find_request("r400") is None
+
+
+def test_concurrent_appends_stay_whole_lines(tmp_path: Path) -> None:
+    store = FeedbackStore(tmp_path)
+
+    def write(t: int) -> None:
+        for i in range(50):
+            store.log_request({"request_id": f"{t}-{i}", "answer": "y" * 3000})
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = (tmp_path / "requests.jsonl").read_text().splitlines()
+    assert len(lines) == 200 and all(json.loads(x)["answer"] == "y" * 3000 for x in lines)
+
+
+# -- request rules --------------------------------------------------------------------------
+
+
+def test_chat_request_rules() -> None:
+    from ragops.serve.http_app import reader_question
+    from ragops.serve.schemas import ChatCompletionRequest
+
+    body = ChatCompletionRequest.model_validate({
+        "model": "ragops",
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "What is MIG?"},
+                     {"role": "assistant", "content": "A GPU partitioning."},
+                     {"role": "user", "content": [{"type": "text", "text": "And MPS?"}]}],
+        "max_completion_tokens": 7, "stop": "\n",
+    })  # fmt: skip
+    assert body.question == "And MPS?" and body.token_limit == 7 and body.stop_list == ["\n"]
+    assert reader_question(body, 0) == "And MPS?"
+    with_history = reader_question(body, 2)
+    assert with_history.startswith("Conversation so far:\nuser: What is MIG?\nassistant: A GPU partitioning.")
+    assert with_history.endswith("Current question: And MPS?")
+    for bad in ({"n": 2}, {"tools": []}, {"logprobs": True}, {"temperature": "0"}, {"stop": ["a"] * 5},
+                {"messages": [{"role": "assistant", "content": "hi"}]}, {"unknown": 1}):  # fmt: skip
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "q"}], **bad})
+
+
+# -- batched answering (no Ray) ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def answering(tiny_llm_dir: Path, tiny_embedder: Path):
+    from ragops.retrieval.generation import Generator
+    from ragops.retrieval.search import SearchHit, SearchResult
+
+    settings = load_settings([], [f"generator.model={tiny_llm_dir}", f"embedder.model={tiny_embedder}",
+                                  "generator.max_new_tokens=6", "generator.context_tokens=96"], environ={})  # fmt: skip
+    gen = Generator(settings.generator)
+    gen.warm_up()
+    texts = ["The capital of France is Paris.", "Qdrant stores vectors.", "Ray Data embeds documents in parallel."]
+    hits = [SearchHit(rank=i + 1, score=1.0 - i / 10, doc_id=f"d{i}.md", chunk_id=f"c{i}", text=t, source=f"/x/d{i}.md")
+            for i, t in enumerate(texts)]  # fmt: skip
+    return settings, gen, SearchResult(hits=hits, timings={"total_s": 0.001}, mode="dense")
+
+
+def test_batched_answers_equal_single_answers(answering) -> None:
+    from ragops.serve.answering import AnswerRequest, answer_batch, answer_dict, start_answer
+
+    settings, gen, search = answering
+    reqs = [AnswerRequest(question=q, search=search) for q in ("What is the capital of France?", "Who stores vectors?")]
+    reqs.append(AnswerRequest(question="Where is Paris?", search=search, gen={"max_new_tokens": 3}))
+    batched = answer_batch(gen, settings, reqs)
+    for req, got in zip(reqs, batched):
+        alone = start_answer(gen, settings, req)
+        for _ in alone:
+            pass
+        want = answer_dict(alone)
+        assert got["answer"] == want["answer"] and got["citations"] == want["citations"]
+        assert got["passages"] == want["passages"] and got["usage"] == want["usage"]
+    assert batched[2]["usage"]["completion_tokens"] == 3
+
+
+def test_one_bad_request_does_not_fail_its_batch(answering) -> None:
+    from ragops.serve.answering import AnswerRequest, answer_batch
+
+    settings, gen, search = answering
+    good = AnswerRequest(question="What is Qdrant?", search=search)
+    bad_reader = AnswerRequest(question="x", search=search, reader="nonsense")
+    empty = AnswerRequest(question="   ", search=search)
+    fid = AnswerRequest(question="What is Qdrant?", search=search, reader="fid")
+    out = answer_batch(gen, settings, [good, bad_reader, empty, fid])
+    assert "answer" in out[0] and out[3]["reader"] == "fid" and out[3]["citations"]
+    assert out[1]["error"]["status"] == 400 and "unknown reader" in out[1]["error"]["message"]
+    assert out[2]["error"]["status"] == 400
