@@ -46,6 +46,13 @@ app.add_typer(index_app, name="index")
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
 
+from ragops.commands.cluster import cluster_app, job_app, kuberay_app  # noqa: E402
+
+app.add_typer(job_app, name="job")
+app.add_typer(cluster_app, name="cluster")
+app.add_typer(kuberay_app, name="kuberay")
+
+
 def _quiet_libraries() -> None:
     # Library chatter (HF load bars, Ray info) would drown the CLI's own output.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -271,7 +278,7 @@ def ask(
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Answer a question from the collection, citing the passages used as [n].
+    r"""Answer a question from the collection, citing the passages used as \[n].
 
     --json prints {"answer", "citations": [{"n", "doc_id", "chunk_id", "source", "score"}], "timings"}.
     """

@@ -105,13 +105,17 @@ def sample_split(bench: Path, split: str, n: int, seed: int, dest: Path) -> tupl
     return qp, rp
 
 
-def evaluate(settings: Settings, queries: Path, qrels: Path, runs: list[tuple[str, str, str]]) -> dict[str, dict]:
+def evaluate(
+    settings: Settings, queries: Path, qrels: Path, runs: list[tuple[str, str, str]], latency_samples: int = 100
+) -> dict[str, dict]:
     """Score ``(label, mode, fusion)`` runs with one retriever (reranking when configured)."""
     out: dict[str, dict] = {}
     with Retriever(settings) as retriever:
         for label, mode, fusion in runs:
             t0 = time.perf_counter()
-            res = evaluate_retrieval(retriever, queries, qrels, k=10, modes=(mode,), fusion=fusion)
+            res = evaluate_retrieval(
+                retriever, queries, qrels, k=10, modes=(mode,), fusion=fusion, latency_samples=latency_samples
+            )
             metrics = dict(res["modes"][mode])
             metrics["eval_s"] = round(time.perf_counter() - t0, 1)
             out[label] = metrics
@@ -141,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rerank-model", help="CrossEncoder folder (e.g. from train_reranker.py); adds hybrid+rerank")
     ap.add_argument("--rerank-candidates", type=int, default=30, help="chunks the cross-encoder re-orders")
     ap.add_argument("--rerank-queries", type=int, default=500, help="seeded sample of the split to rerank (0: all)")
+    ap.add_argument("--latency-samples", type=int, default=100, help="queries timed one at a time per mode")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra ragops settings")
     args = ap.parse_args(argv)
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_fusion_variants:
         runs.append(("hybrid (DBSF)", "hybrid", "dbsf"))
     print(f"scoring {args.split} split: {queries}", flush=True)
-    rows = evaluate(settings, queries, qrels, runs)
+    rows = evaluate(settings, queries, qrels, runs, args.latency_samples)
 
     if args.rerank_model:
         with tempfile.TemporaryDirectory() as tmp:
@@ -179,10 +184,10 @@ def main(argv: list[str] | None = None) -> int:
             sq, sr = (queries, qrels) if n == 0 else sample_split(bench, args.split, n, args.seed, Path(tmp))
             tag = "" if n == 0 else f", {n}-query sample"
             print(f"reranking with {args.rerank_model} (top {args.rerank_candidates} hybrid chunks{tag}) ...", flush=True)
-            rows.update(evaluate(settings, sq, sr, [(f"hybrid (RRF){tag}", "hybrid", "rrf")]))
+            rows.update(evaluate(settings, sq, sr, [(f"hybrid (RRF){tag}", "hybrid", "rrf")], args.latency_samples))
             rr = settings_for(args, [f"retrieval.rerank.model={args.rerank_model}",
                                      f"retrieval.rerank.candidates={args.rerank_candidates}"])  # fmt: skip
-            rows.update(evaluate(rr, sq, sr, [(f"hybrid (RRF) + rerank{tag}", "hybrid", "rrf")]))
+            rows.update(evaluate(rr, sq, sr, [(f"hybrid (RRF) + rerank{tag}", "hybrid", "rrf")], min(args.latency_samples, 20)))
         results["rerank_model"] = args.rerank_model
 
     results["rows"] = rows

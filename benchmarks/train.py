@@ -95,13 +95,18 @@ def run_plain(settings: Any, data: Path) -> dict[str, Any]:
     """TRL's SFTTrainer on the same examples, model and arguments, in this process."""
     import torch
     from datasets import Dataset
+    from ragops.finetune.datasets import build_sft_examples
+    from ragops.finetune.hf import LoopOptions, training_arguments
+    from ragops.finetune.models import (
+        load_model,
+        load_tokenizer,
+        lora_config,
+        materialize_base,
+        resolve_base,
+    )
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
-
-    from ragops.finetune.datasets import build_sft_examples
-    from ragops.finetune.hf import LoopOptions, training_arguments
-    from ragops.finetune.models import load_model, load_tokenizer, lora_config, materialize_base, resolve_base
 
     torch.set_num_threads(2)
     ft = settings.finetune
@@ -121,8 +126,9 @@ def run_plain(settings: Any, data: Path) -> dict[str, Any]:
     import tempfile
 
     with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(**training_arguments(opts, output_dir=out, use_gpu=False, has_eval=False, num_to_keep=1, world_size=1),
-                         completion_only_loss=True, save_strategy="no")  # fmt: skip
+        targs = training_arguments(opts, output_dir=out, use_gpu=False, has_eval=False, num_to_keep=1, world_size=1)
+        targs["save_strategy"] = "no"  # the baseline keeps no checkpoints
+        args = SFTConfig(**targs, completion_only_loss=True)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tok,
                              peft_config=lora_config(ft.lora, "causal-lm"), callbacks=[Steps()])  # fmt: skip
         trainer.remove_callback(PrinterCallback)
@@ -140,6 +146,7 @@ def run_plain(settings: Any, data: Path) -> dict[str, Any]:
 def run_ragops(settings: Any, data: Path) -> dict[str, Any]:
     """``ragops train sft`` through the library (in-process or Ray Train)."""
     from ragops.finetune.train import train
+
     from ragops.runs import RunStore
 
     result = train(settings, "sft", data)
@@ -224,8 +231,9 @@ def main() -> None:
     data = write_data(args.home / "bench-sft.jsonl", args.examples)
     info = machine()
     # Convert the GGUF once (outside the timed runs): every configuration loads the cached copy.
-    from ragops.config import load_settings
     from ragops.finetune.models import materialize_base, resolve_base
+
+    from ragops.config import load_settings
 
     settings = load_settings([], [], data_dir=args.home, environ={})
     print("caching the base model ...", file=sys.stderr, flush=True)

@@ -11,7 +11,7 @@ Training data is the benchmark's ``train`` split only (``train_queries.jsonl`` /
 the way the reranker will be used (hybrid, top ``--candidates`` chunks) and takes:
 
 * one positive: a chunk of the relevant section, preferably one that shows the documented
-  entry's name (its signature), else the section's best-ranked chunk;
+  entry's signature (``name(``), else the section's best-ranked (or first) chunk;
 * ``--negatives`` hard negatives: best chunks of other documents among the candidates, half
   from the top of the ranking and half at random from the rest. Chunks of pages that hold
   test or dev queries are never used, so no evaluated section is seen in training at all.
@@ -50,7 +50,8 @@ def mine_pairs(args: argparse.Namespace) -> tuple[list[tuple[str, str, float]], 
     from ragops.config import load_settings
     from ragops.retrieval.evaluate import read_jsonl
     from ragops.retrieval.rerank import pair_text
-    from ragops.retrieval.search import Retriever
+    from ragops.retrieval.search import Retriever, SearchHit
+    from ragops.vectorstore.base import Filter, Hit, Match
 
     bench: Path = args.bench
     queries = {q["qid"]: q["query"] for q in read_jsonl(bench / "train_queries.jsonl", ["qid", "query"])}
@@ -69,20 +70,28 @@ def mine_pairs(args: argparse.Namespace) -> tuple[list[tuple[str, str, float]], 
     pairs: list[tuple[str, str, float]] = []
     stats = {"queries": 0, "positive_in_candidates": 0, "positive_by_name": 0, "negatives": 0}
     with Retriever(settings) as retriever:
+        store = retriever.store
         for start in range(0, len(qids), 64):
             batch = qids[start : start + 64]
             found = retriever.search_batch([queries[q] for q in batch], k=args.candidates, mode="hybrid")
             for qid, res in zip(batch, found):
                 rel = qrels[qid]["doc_id"]
                 short = str(qrels[qid].get("entry", "")).rsplit(".", 1)[-1]
-                # The relevant section's chunks, best first (the section may be long).
-                own = retriever.search(queries[qid], k=50, mode="hybrid", filters={"doc_id": rel}).hits
+                # The relevant section's chunks: retrieved ones first (best first), then the
+                # rest in document order (read from the store, no search needed).
+                retrieved = [h for h in res.hits if h.doc_id == rel]
+                seen = {h.chunk_id for h in retrieved}
+                stored = sorted(
+                    (SearchHit.from_store_hit(Hit(r.id, 0.0, r.payload), 0) for r in store.scroll(Filter(must=[Match("doc_id", [rel])]))),
+                    key=lambda h: h.chunk_index,
+                )
+                own = retrieved + [h for h in stored if h.chunk_id not in seen]
                 if not own:
                     continue
                 named = [h for h in own if short and re.search(rf"(?<![\w.]){re.escape(short)}\(", h.text)]
                 positive = named[0] if named else own[0]
                 stats["positive_by_name"] += bool(named)
-                stats["positive_in_candidates"] += any(h.doc_id == rel for h in res.hits)
+                stats["positive_in_candidates"] += bool(retrieved)
                 best_other: dict[str, object] = {}
                 for h in res.hits:
                     if h.doc_id != rel and h.doc_id.split("#", 1)[0] not in held_out_pages:
@@ -111,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--negatives", type=int, default=3, help="hard negatives per query")
     ap.add_argument("--max-queries", type=int, default=0, help="use at most this many train queries (0: all)")
     ap.add_argument("--max-minutes", type=float, default=15.0, help="stop training after this long")
-    ap.add_argument("--max-length", type=int, default=256, help="tokens of query + passage")
+    ap.add_argument("--max-length", type=int, default=128,
+                    help="tokens of query + passage, in training and at query time (saved with the model)")
+    ap.add_argument("--freeze-layers", type=int, default=0, help="keep the embeddings and the first N layers fixed")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--seed", type=int, default=0)
@@ -140,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
             if (base / name).exists():
                 shutil.copy(base / name, Path(tmp) / name)
         model = CrossEncoder(tmp, num_labels=1, max_length=args.max_length, device="cpu", local_files_only=True)
+    if args.freeze_layers:
+        bert = model[0].model.base_model
+        for p in bert.embeddings.parameters():
+            p.requires_grad = False
+        for layer in bert.encoder.layer[: args.freeze_layers]:
+            for p in layer.parameters():
+                p.requires_grad = False
 
     data = Dataset.from_dict({
         "query": [p[0] for p in pairs], "passage": [p[1] for p in pairs], "label": [p[2] for p in pairs],

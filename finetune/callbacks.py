@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ragops.finetune.session import HF_CHECKPOINT_DIR, TrainSession, peak_rss_mb
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
-
-from ragops.finetune.session import HF_CHECKPOINT_DIR, TrainSession, peak_rss_mb
 
 #: Keys of transformers/TRL logs worth keeping per step.
 _KEEP = ("loss", "learning_rate", "grad_norm", "mean_token_accuracy", "entropy", "accuracy", "margin", "epoch")

@@ -136,7 +136,7 @@ class FinetuneConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _local_is_one_worker(self) -> "FinetuneConfig":
+    def _local_is_one_worker(self) -> FinetuneConfig:
         if self.runner == "local" and self.workers > 1:
             raise ValueError("finetune.runner 'local' trains in one process: set finetune.workers=1 or runner=ray")
         return self

@@ -43,8 +43,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ragops.retrieval.prompts import (
+    Passage,
+    as_passages,
+    build_stuff_messages,
+    parse_citations,
+)
+
 from ragops.errors import InputError
-from ragops.retrieval.prompts import Passage, as_passages, build_stuff_messages, parse_citations
 
 if TYPE_CHECKING:
     from ragops.config import Settings
@@ -182,8 +188,7 @@ def record_kind(rec: Mapping[str, Any]) -> str:
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 _STOP = frozenset(
-    "the a an and or of to in on at for from by with is are was were be been it its this that these those "
-    "as into than then there their they you your we our not no yes can will would should".split()
+    ["the", "a", "an", "and", "or", "of", "to", "in", "on", "at", "for", "from", "by", "with", "is", "are", "was", "were", "be", "been", "it", "its", "this", "that", "these", "those", "as", "into", "than", "then", "there", "their", "they", "you", "your", "we", "our", "not", "no", "yes", "can", "will", "would", "should"]
 )
 
 

@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from ragops.finetune.callbacks import keep_metric
-from ragops.finetune.session import ARTIFACT_DIR, FINAL_MARKER, TrainSession, peak_rss_mb, unwrap_hf_checkpoint
+from ragops.finetune.session import (
+    ARTIFACT_DIR,
+    FINAL_MARKER,
+    TrainSession,
+    peak_rss_mb,
+    unwrap_hf_checkpoint,
+)
 
 
 @dataclass(frozen=True)

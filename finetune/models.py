@@ -80,7 +80,7 @@ def resolve_base(name: str) -> BaseModelSource:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):  # noqa: ANN202 - a context manager
+def _file_lock(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)

@@ -28,10 +28,14 @@ def reward_train_loop(config: dict[str, Any], session: TrainSession) -> None:
         session: Where metrics and checkpoints go.
     """
     from datasets import Dataset
-    from trl import RewardConfig, RewardTrainer
-
     from ragops.finetune.config import LoraSettings, RewardSettings
-    from ragops.finetune.models import BaseModelSource, load_model, load_tokenizer, lora_config
+    from ragops.finetune.models import (
+        BaseModelSource,
+        load_model,
+        load_tokenizer,
+        lora_config,
+    )
+    from trl import RewardConfig, RewardTrainer
 
     rw = RewardSettings.model_validate(config["reward"])
     lora = LoraSettings.model_validate(config["lora"])
@@ -100,10 +104,9 @@ class RewardScorer:
         if self._model is not None:
             return
         from peft import PeftModel
-
         from ragops.finetune.models import load_model, load_tokenizer, resolve_base
 
-        source = resolve_base(self.base_model) if not Path(self.base_model).is_dir() else _dir_source(self.base_model)
+        source = resolve_base(self.base_model)
         self._tok = load_tokenizer(source)
         base = load_model(source, task="seq-cls")
         base.config.pad_token_id = self._tok.pad_token_id
@@ -123,8 +126,3 @@ class RewardScorer:
             scores.append(float(out.logits[0, 0]))
         return scores
 
-
-def _dir_source(path: str) -> Any:
-    from ragops.finetune.models import BaseModelSource
-
-    return BaseModelSource(name=path, path=path)

@@ -178,8 +178,9 @@ def run_local(
     Raises:
         ConfigError: the runs root is not a local path.
     """
-    from ragops.errors import ConfigError
     from ragops.finetune.session import LocalSession
+
+    from ragops.errors import ConfigError
 
     run_dir = store.storage.local_path(run_id)
     if run_dir is None:
@@ -225,13 +226,13 @@ def _recorder_callback(store_root: str, run_id: str) -> Any:
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
             try:
                 self.recorder.on_report(metrics, checkpoint.path if checkpoint is not None else None)
-            except Exception:  # noqa: BLE001 - bookkeeping must never kill the training run
+            except Exception:  # bookkeeping must never kill the training run
                 log.exception("could not record a training report")
 
         def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
             try:
                 self.recorder.on_failure(worker_exceptions)
-            except Exception:  # noqa: BLE001
+            except Exception:  # bookkeeping must never kill the training run
                 log.exception("could not record a worker failure")
 
     return RunRecorderCallback()

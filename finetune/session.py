@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import resource
 import shutil
 import tempfile
@@ -32,6 +33,8 @@ FINAL_MARKER = "ragops_final.json"
 ARTIFACT_DIR = "artifact"
 #: Sub-folder RayTrainReportCallback puts the transformers checkpoint in.
 HF_CHECKPOINT_DIR = "checkpoint"
+#: Checkpoint folders of the in-process runner.
+_LOCAL_CKPT = re.compile(r"^checkpoint_\d{6}$")
 
 
 def peak_rss_mb() -> float:
@@ -161,12 +164,17 @@ class LocalSession(TrainSession):
         self.final_metrics: dict[str, Any] = {}
 
     def _checkpoints(self) -> list[Path]:
-        return sorted(p for p in self.run_dir.glob("checkpoint_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        return sorted(p for p in self.run_dir.glob("checkpoint_*") if p.is_dir() and _LOCAL_CKPT.match(p.name))
 
     @contextlib.contextmanager
     def _latest(self) -> Iterator[Path | None]:
         ckpts = self._checkpoints()
-        yield ckpts[-1] if ckpts else None
+        if ckpts:
+            yield ckpts[-1]
+            return
+        # A run started on Ray Train and continued in-process: its record knows the checkpoint.
+        last = self.recorder.store.get(self.recorder.run_id).last_checkpoint if self.recorder else None
+        yield Path(last) if last and Path(last).is_dir() else None
 
     def report(self, metrics: Mapping[str, Any], checkpoint_dir: Path | None = None) -> None:
         saved = None

@@ -26,11 +26,15 @@ def sft_train_loop(config: dict[str, Any], session: TrainSession) -> None:
         session: Where metrics and checkpoints go.
     """
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
     from ragops.finetune.config import LoraSettings, SFTSettings
     from ragops.finetune.datasets import to_language_modeling
-    from ragops.finetune.models import BaseModelSource, load_model, load_tokenizer, lora_config
+    from ragops.finetune.models import (
+        BaseModelSource,
+        load_model,
+        load_tokenizer,
+        lora_config,
+    )
+    from trl import SFTConfig, SFTTrainer
 
     sft = SFTSettings.model_validate(config["sft"])
     lora = LoraSettings.model_validate(config["lora"])

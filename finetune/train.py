@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
@@ -27,6 +28,8 @@ from ragops.artifacts import Artifact, Registry, utc_now
 from ragops.config import Settings
 from ragops.errors import InputError, RagopsError
 from ragops.runs import RunRecord, RunStore
+
+log = logging.getLogger(__name__)
 
 TrainKind = Literal["sft", "reward"]
 Progress = Callable[[dict[str, Any]], None]
@@ -153,16 +156,16 @@ class _Tail(threading.Thread):
         while not self._halt.wait(self.interval):
             try:
                 self.poll()
-            except Exception:  # noqa: BLE001 - progress display must never break training
-                pass
+            except Exception:  # progress display must never break training
+                log.debug("progress poll failed", exc_info=True)
 
     def stop(self) -> None:
         self._halt.set()
         self.join(timeout=2)
         try:
             self.poll()
-        except Exception:  # noqa: BLE001
-            pass
+        except Exception:  # progress display must never break training
+            log.debug("progress poll failed", exc_info=True)
 
 
 def train(
@@ -204,7 +207,11 @@ def train(
         ModelNotFoundError: base model; TrainingFailed: the workers failed beyond ``max_failures``.
     """
     from ragops.finetune.datasets import build_preference_examples, build_sft_examples
-    from ragops.finetune.models import check_quantization, materialize_base, resolve_base
+    from ragops.finetune.models import (
+        check_quantization,
+        materialize_base,
+        resolve_base,
+    )
     from ragops.finetune.reward import reward_train_loop
     from ragops.finetune.runner import Scaling, run_local, run_on_ray
     from ragops.finetune.sft import sft_train_loop

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -67,7 +68,10 @@ def run_ray(settings: Settings, stage: Any, files: Sequence[SourceFile]) -> Iter
 
     ensure_ray(settings.ray)
     cfg = settings.ingest
-    cpus_per_actor = fit_actor_cpus(cfg.cpus_per_actor, cfg.embed_actors, ray.cluster_resources().get("CPU", 1.0))
+    cpus_per_actor = cfg.cpus_per_actor
+    if not (settings.ray.address or os.environ.get("RAY_ADDRESS")):
+        # Only a Ray we started here has a fixed size; a cluster may autoscale up to fit.
+        cpus_per_actor = fit_actor_cpus(cpus_per_actor, cfg.embed_actors, ray.cluster_resources().get("CPU", 1.0))
     blocks = max(1, math.ceil(len(files) / cfg.docs_per_task))
     ds = ray.data.from_items(source_rows(files), override_num_blocks=blocks)
     ds = ds.map_batches(

@@ -338,7 +338,9 @@ def load_settings(
         ConfigError: unknown key, bad value or unreadable file; the message names the key.
     """
     environ = os.environ if environ is None else environ
-    tree: dict[str, Any] = {}
+    # Start from the defaults as data: a partial override of a nested section then keeps the
+    # section's own defaults (a field's default_factory may differ from its class defaults).
+    tree: dict[str, Any] = Settings().model_dump(mode="json")
     origins: dict[str, str] = {}
     for f in config_files:
         data = read_yaml(f)

@@ -64,6 +64,8 @@ class JobClient:
             raise auth_error(self.conn, 403 if "Authentication failed" in str(exc.message) else 401) from None
         except (ConnectionError, requests.ConnectionError, requests.Timeout) as exc:
             raise unreachable(self.conn, type(exc).__name__) from None
+        except ValueError as exc:  # e.g. a working dir over Ray's package size limit
+            raise ClusterError(f"the job was not accepted: {str(exc).splitlines()[0][:300]}") from None
         except RuntimeError as exc:
             text = str(exc)
             if job_id and ("404" in text or "does not exist" in text):

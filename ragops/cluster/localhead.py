@@ -143,8 +143,11 @@ def head_processes(head: HeadInfo) -> list[Any]:
         try:
             if proc.pid in protected or proc.info["create_time"] < head.started_at - 5:
                 continue
-            in_group = os.getpgid(proc.pid) == head.pgid
-            names_dir = any(_names_dir(arg or "", head.temp_dir) for arg in (proc.info["cmdline"] or []))
+            cmdline = [arg or "" for arg in (proc.info["cmdline"] or [])]
+            names_dir = any(_names_dir(arg, head.temp_dir) for arg in cmdline)
+            # Group membership alone could match a stranger that reused the PID as its group
+            # id; every process of a head names its temp dir or is a Ray program.
+            in_group = os.getpgid(proc.pid) == head.pgid and "ray" in " ".join(cmdline).lower()
             if in_group or names_dir:
                 found[proc.pid] = proc
         except (psutil.Error, ProcessLookupError, PermissionError):

@@ -18,7 +18,16 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from ragops.commands.common import ConfigOpt, DataDirOpt, JsonOpt, SetOpt, emit_json, handle_errors, out, settings_from
+from ragops.commands.common import (
+    ConfigOpt,
+    DataDirOpt,
+    JsonOpt,
+    SetOpt,
+    emit_json,
+    handle_errors,
+    out,
+    settings_from,
+)
 
 models_app = typer.Typer(help="Built-in models and trained artifacts (versioned adapters, aliases).", no_args_is_help=True)
 

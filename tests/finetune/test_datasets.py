@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-
-from ragops.errors import InputError
 from ragops.finetune.datasets import (
     build_preference_examples,
     build_sft_examples,
@@ -17,6 +16,8 @@ from ragops.finetune.datasets import (
     supporting_passages,
 )
 from ragops.retrieval.prompts import Passage, as_passages, build_stuff_messages
+
+from ragops.errors import InputError
 from tests.finetune.conftest import preference_records, rag_records, write_jsonl
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from ragops.finetune.gate import compare_metrics, metric_direction
 
 

@@ -8,15 +8,22 @@ default and on Ray Train in the slow set.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import typer
 from typer.testing import CliRunner
 
 from ragops.errors import ConfigError
-from tests.finetune.conftest import FAST, metrics_by_step, preference_records, rag_records, write_jsonl
+from tests.finetune.conftest import (
+    FAST,
+    metrics_by_step,
+    preference_records,
+    rag_records,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -87,9 +94,10 @@ def test_two_ray_workers_survive_a_killed_worker(two_worker_run: dict[str, Any])
 
 def test_registry_round_trip(two_worker_run: dict[str, Any], tiny_base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """train → list → promote → generate with the alias → train again → gate → rollback."""
-    from ragops.config import GeneratorConfig, load_settings
     from ragops.finetune.train import train
     from ragops.retrieval.generation import Generator
+
+    from ragops.config import GeneratorConfig, load_settings
 
     home, first = two_worker_run["home"], two_worker_run["summary"]["artifact"]
     listed = invoke("models", "list", "--data-dir", str(home))
@@ -131,6 +139,7 @@ def test_registry_round_trip(two_worker_run: dict[str, Any], tiny_base: Path, mo
 
 def test_resume_an_interrupted_run(tmp_path: Path, sft_file: Path, ft_settings: Callable[..., Any]) -> None:
     from ragops.finetune.train import TrainingFailed, train
+
     from ragops.runs import RunStore
 
     settings = ft_settings("finetune.max_failures=0")
@@ -154,22 +163,23 @@ def test_resume_from_a_checkpoint_folder_in_process(sft_file: Path, ft_settings:
 
     settings = ft_settings("finetune.runner=local")
     first = train(settings, "sft", sft_file, max_steps=2)
-    ckpt = sorted((settings.data_dir / "runs" / first.run.run_id).glob("checkpoint_*/checkpoint"))[0]
+    ckpt = min((settings.data_dir / "runs" / first.run.run_id).glob("checkpoint_*/checkpoint"))
     second = train(settings, "sft", sft_file, max_steps=4, resume=str(ckpt.parent))
     assert not second.resumed and second.run.run_id != first.run.run_id
     assert second.run.metrics["resumed_from_step"] == 2 and second.run.step == 4
 
 
 def test_reward_model_beats_chance_in_process(tmp_path: Path, ft_settings: Callable[..., Any]) -> None:
-    from ragops.artifacts import Registry
     from ragops.finetune.reward import RewardScorer
     from ragops.finetune.train import train
+
+    from ragops.artifacts import Registry
 
     data = write_jsonl(tmp_path / "pref.jsonl", preference_records(64))
     settings = ft_settings("finetune.runner=local", "finetune.reward.eval_fraction=0.25", "finetune.lora.r=8")
     result = train(settings, "reward", data, max_steps=30)
     m = result.run.metrics
-    assert m["eval_pairwise_accuracy"] >= 0.9 > 0.5, m
+    assert m["eval_pairwise_accuracy"] >= 0.9, m  # chance is 0.5
     assert m["eval_pairwise_accuracy"] > m["initial_eval_pairwise_accuracy"]
     assert set(result.aliases) == {"reward-latest", "rm-latest"} and result.artifact.task == "seq-cls"
     registry = Registry.from_settings(settings)

@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from ragops.artifacts import NAME_RE, Registry, Storage, adapter_base, adapter_dir, apply_model, new_name, record_eval
+from ragops.artifacts import (
+    NAME_RE,
+    Registry,
+    Storage,
+    adapter_base,
+    adapter_dir,
+    apply_model,
+    new_name,
+    record_eval,
+)
 from ragops.errors import InputError, ModelNotFoundError
 
 
@@ -102,8 +111,9 @@ def test_gate_uses_recorded_evals_and_metric_direction(registry: Registry, tmp_p
 
 
 def test_adapter_resolution_and_apply_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ragops.config import load_settings
     from ragops.retrieval.generation import resolve_adapter
+
+    from ragops.config import load_settings
 
     settings = load_settings([], [], data_dir=tmp_path / "home", environ={})
     registry = Registry.from_settings(settings)

@@ -55,6 +55,13 @@ def test_cluster_status_reports_the_head(job_cli: Any, ray_head: Any) -> None:
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert data["running"] is True and data["nodes"] == 1 and data["CPU"] == 2.0
+    again = job_cli("cluster", "up", "--port", str(head.dashboard_port), "--json")
+    assert again.exit_code == 0 and json.loads(again.stdout)["started"] is False  # found, not restarted
+    from ragops.cluster.localhead import _free_port
+
+    idle = _free_port()
+    assert "no local head" in job_cli("cluster", "down", "--port", str(idle)).stdout
+    assert job_cli("cluster", "status", "--port", str(idle)).exit_code == 1
 
 
 def test_ingest_runs_as_a_job(job_cli: Any, tiny_embedder: Path, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from ragops.cluster.kuberay import (
     serve_config_v2,
     to_yaml,
 )
-from ragops.cluster.resources import JOB_KINDS, SERVE_DEPLOYMENTS, Demand, PodShape, pack, plan_groups
+from ragops.cluster.resources import JOB_KINDS, SERVE_DEPLOYMENTS, Demand, PodShape, Shapes, pack, plan_groups
 from ragops.config import load_settings
 from ragops.errors import ConfigError
 from tests.ragops.cluster._helpers import REPO, cluster_cli
@@ -262,7 +262,7 @@ def test_packing_is_first_fit_decreasing() -> None:
     pod = PodShape(4, "1Gi")
     assert pack([(3.0, 0.0)] * 4, pod) == 4  # fragmentation: one 3-CPU bundle per pod
     assert pack([(0.5, 0.0), (1.0, 0.0), (1.0, 0.0)], pod) == 1
-    groups = plan_groups([Demand("d", 1.0, 0.0, 8, 2)], type("S", (), {"cpu_worker": pod, "gpu_worker": PodShape(8, "1Gi", 1)})(), "service")
+    groups = plan_groups([Demand("d", 1.0, 0.0, 8, 2)], Shapes(cpu_worker=pod), "service")
     assert (groups[0].min_replicas, groups[0].max_replicas) == (1, 2)
 
 

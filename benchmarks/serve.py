@@ -1,0 +1,260 @@
+"""Serving benchmark: latency, throughput, batching gain and memory of the Ray Serve app.
+
+With the default models (``minilm-l6`` embedder, ``smollm2-135m-instruct`` generator) on the
+sample corpus (``samples/docs``), it measures:
+
+1. ``POST /v1/search`` and ``POST /v1/chat/completions`` (``max_tokens`` 32, greedy,
+   non-streaming) at several numbers of concurrent clients: p50/p99 latency, requests/s and,
+   for chat, generated tokens/s. Each client sends its requests back to back.
+2. The cost of serving: chat p50 through HTTP (one client) against the same pipeline called
+   in-process (:meth:`RAGPipeline.ask`, same questions, k, options), in the same run. The
+   in-process pipeline searches a copy of the index (an Edge shard can be open in one process
+   only) and the two alternate question by question, so background load hits both alike.
+3. Dynamic batching: total tokens/s with 8 concurrent clients over tokens/s with one.
+4. Memory: resident set size of the Ray Serve processes (controller, proxy, replicas) summed,
+   and their proportional set size (PSS, shared pages split between processes), with psutil.
+
+Usage::
+
+    python benchmarks/serve.py [--concurrency 1 4 8 16] [--chat-per-client 2] [--search-per-client 20]
+                               [--compare-questions 8] [--max-tokens 32] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "benchmarks" / "out"
+SERVE_PROCESS_PREFIXES = ("ray::ServeController", "ray::ProxyActor", "ray::ServeReplica")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100)."""
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    k = (len(s) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def questions(n: int) -> list[str]:
+    """Questions of the sample eval set (cycled when more are asked for)."""
+    rows = [json.loads(line)["question"] for line in (REPO / "samples/eval/answers.jsonl").read_text().splitlines() if line.strip()]
+    return [rows[i % len(rows)] for i in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_memory() -> dict[str, Any]:
+    """RSS and PSS (MiB) of this run's Ray Serve processes (descendants of this driver)."""
+    rows = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+            if cmd.startswith(SERVE_PROCESS_PREFIXES):
+                info = p.memory_full_info()
+                rows.append({"process": cmd.split()[0], "rss_mib": info.rss / 2**20, "pss_mib": getattr(info, "pss", 0) / 2**20})
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return {
+        "processes": sorted(rows, key=lambda r: -r["rss_mib"]),
+        "rss_total_mib": sum(r["rss_mib"] for r in rows),
+        "pss_total_mib": sum(r["pss_mib"] for r in rows),
+    }
+
+
+async def load(url: str, path: str, bodies: list[dict[str, Any]], clients: int) -> dict[str, Any]:
+    """``clients`` concurrent clients split ``bodies`` and send them back to back."""
+    latencies: list[float] = []
+    tokens = 0
+    errors = 0
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+
+        async def client(mine: list[dict[str, Any]]) -> None:
+            nonlocal tokens, errors
+            for body in mine:
+                t0 = time.perf_counter()
+                r = await http.post(path, json=body)
+                latencies.append(time.perf_counter() - t0)
+                if r.status_code != 200:
+                    errors += 1
+                    continue
+                tokens += r.json().get("usage", {}).get("completion_tokens", 0)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client(bodies[i::clients]) for i in range(clients)))
+        wall = time.perf_counter() - started
+    return {
+        "clients": clients,
+        "requests": len(bodies),
+        "errors": errors,
+        "p50_s": percentile(latencies, 50),
+        "p99_s": percentile(latencies, 99),
+        "requests_per_s": len(bodies) / wall,
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "wall_s": wall,
+    }
+
+
+def prepare(args: argparse.Namespace) -> Any:
+    from ragops.config import load_settings
+    from ragops.ingest.pipeline import run_ingest
+
+    settings = load_settings([], ["ingest.runner=local"], data_dir=args.data_dir)
+    report = run_ingest(settings, [str(REPO / "samples/docs")])
+    print(f"index: {report.to_dict()['documents']} documents, {report.to_dict()['chunks']} chunks "
+          f"({report.to_dict()['new']} new)", flush=True)  # fmt: skip
+    return settings
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data-dir", type=Path, default=OUT / "serve-bench")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--chat-per-client", type=int, default=2, help="Chat requests per client (at least 8 in total).")
+    ap.add_argument("--search-per-client", type=int, default=20, help="Search requests per client (at least 40 in total).")
+    ap.add_argument("--compare-questions", type=int, default=8, help="Questions for HTTP vs in-process.")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--json", action="store_true", help="Also write benchmarks/out/serve.json.")
+    args = ap.parse_args()
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from ray import serve
+
+    from ragops.raylocal import ensure_ray
+    from ragops.retrieval.rag import RAGPipeline
+    from ragops.serve.app import build_application
+    from ragops.serve.auth import ApiKeys
+
+    settings = prepare(args)
+    # The in-process baseline searches a copy of the index: the serving retriever holds the original.
+    copy_dir = args.data_dir.with_name(args.data_dir.name + "-inprocess")
+    shutil.rmtree(copy_dir, ignore_errors=True)
+    shutil.copytree(args.data_dir, copy_dir)
+    local = RAGPipeline(settings.model_copy(update={"data_dir": copy_dir}))
+    t0 = time.perf_counter()
+    local.warm_up()
+    print(f"in-process pipeline loaded in {time.perf_counter() - t0:.1f} s (torch threads {torch.get_num_threads()})", flush=True)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    ensure_ray(settings.ray)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_application(settings, keys=ApiKeys()), name="ragops-bench", route_prefix="/")
+    print(f"app ready in {time.perf_counter() - t0:.1f} s at {url}", flush=True)
+    results: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine(),
+            "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "load_avg_start": os.getloadavg(),
+        },
+        "max_tokens": args.max_tokens,
+    }
+    try:
+        gen = {"max_tokens": args.max_tokens, "temperature": 0}
+        with httpx.Client(base_url=url, timeout=600) as http:
+            for q in questions(2):  # warm-up: first-call costs out of the measurements
+                http.post("/v1/chat/completions", json={"model": "ragops", "messages": [{"role": "user", "content": q}], **gen})
+                http.post("/v1/search", json={"query": q, "k": 5})
+                local.ask(q, k=5, max_new_tokens=args.max_tokens, temperature=0)
+
+            # 1. HTTP vs in-process, alternating question by question.
+            http_s, local_s, same = [], [], 0
+            for q in questions(args.compare_questions):
+                t0 = time.perf_counter()
+                r = http.post("/v1/chat/completions", json={"model": "ragops", "messages": [{"role": "user", "content": q}], **gen})
+                http_s.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                a = local.ask(q, k=5, max_new_tokens=args.max_tokens, temperature=0)
+                local_s.append(time.perf_counter() - t0)
+                same += r.json()["choices"][0]["message"]["content"] == a.answer
+            results["http_vs_inprocess"] = {
+                "questions": len(http_s),
+                "http_p50_s": statistics.median(http_s),
+                "inprocess_p50_s": statistics.median(local_s),
+                "ratio_p50": statistics.median(http_s) / statistics.median(local_s),
+                "identical_answers": same,
+            }
+            print(json.dumps(results["http_vs_inprocess"]), flush=True)
+        local.close()
+
+        # 2. Load at several concurrencies.
+        results["search"], results["chat"] = [], []
+        for c in args.concurrency:
+            n = max(40, c * args.search_per_client)
+            bodies = [{"query": q, "k": 5} for q in questions(n)]
+            res = asyncio.run(load(url, "/v1/search", bodies, c))
+            results["search"].append(res)
+            print("search", json.dumps(res), flush=True)
+        for c in args.concurrency:
+            n = max(8, c * args.chat_per_client)
+            bodies = [{"model": "ragops", "messages": [{"role": "user", "content": q}], **gen} for q in questions(n)]
+            res = asyncio.run(load(url, "/v1/chat/completions", bodies, c))
+            results["chat"].append(res)
+            print("chat", json.dumps(res), flush=True)
+        by_c = {r["clients"]: r for r in results["chat"]}
+        if 1 in by_c and 8 in by_c:
+            results["batching_gain_8_vs_1"] = by_c[8]["tokens_per_s"] / by_c[1]["tokens_per_s"]
+
+        # 3. Memory of the Serve processes (models loaded, after load).
+        results["memory"] = serve_memory()
+        results["machine"]["load_avg_end"] = os.getloadavg()
+    finally:
+        serve.shutdown()
+    report(results)
+    if args.json:
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "serve.json").write_text(json.dumps(results, indent=2))
+
+
+def report(r: dict[str, Any]) -> None:
+    m = r["machine"]
+    print(f"\nmachine: {m['cpus']} CPUs ({m['cpu']}), {m['ram_gib']} GiB, Python {m['python']}, torch {m['torch']}; "
+          f"load average {m['load_avg_start'][0]:.1f} at start, {m.get('load_avg_end', [float('nan')])[0]:.1f} at end")  # fmt: skip
+    c = r["http_vs_inprocess"]
+    print(f"\nchat p50, max_tokens {r['max_tokens']}, {c['questions']} questions: HTTP {c['http_p50_s']:.3f} s, "
+          f"in-process RAGPipeline.ask {c['inprocess_p50_s']:.3f} s, ratio {c['ratio_p50']:.3f} "
+          f"(identical answers: {c['identical_answers']}/{c['questions']})")  # fmt: skip
+    print("\n| endpoint | clients | requests | p50 (s) | p99 (s) | requests/s | tokens/s | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name in ("search", "chat"):
+        for x in r[name]:
+            tps = f"{x['tokens_per_s']:.1f}" if name == "chat" else "-"
+            print(f"| {name} | {x['clients']} | {x['requests']} | {x['p50_s']:.3f} | {x['p99_s']:.3f} | "
+                  f"{x['requests_per_s']:.2f} | {tps} | {x['errors']} |")  # fmt: skip
+    if "batching_gain_8_vs_1" in r:
+        print(f"\nbatching: 8 clients / 1 client total tokens/s = {r['batching_gain_8_vs_1']:.2f}x")
+    mem = r["memory"]
+    print(f"\nRay Serve processes: RSS {mem['rss_total_mib']:.0f} MiB in total, PSS {mem['pss_total_mib']:.0f} MiB")
+    for p in mem["processes"]:
+        print(f"  {p['process']:<40} RSS {p['rss_mib']:7.0f} MiB  PSS {p['pss_mib']:7.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
