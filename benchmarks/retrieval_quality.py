@@ -21,6 +21,7 @@ Usage::
     python benchmarks/train_reranker.py                    # optional: a cross-encoder
     python benchmarks/retrieval_quality.py --rerank-model benchmarks/out/reranker-minilm
     python benchmarks/retrieval_quality.py --split dev --set retrieval.prefetch=100
+    python benchmarks/retrieval_quality.py --split dev --skip-ingest --sweep   # fusion settings
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ragops.config import Settings, load_settings
 from ragops.ingest.pipeline import run_ingest
 from ragops.retrieval.evaluate import evaluate_retrieval, read_jsonl
+from ragops.retrieval.encoder import EncodedQuery, QueryEncoder
 from ragops.retrieval.search import Retriever
 
 HERE = Path(__file__).resolve().parent
@@ -124,6 +127,49 @@ def evaluate(
     return out
 
 
+class CachingEncoder(QueryEncoder):
+    """A query encoder that encodes each text once (the sweep searches the same queries many times)."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self._memo: dict[tuple[str, bool], EncodedQuery] = {}
+
+    def encode_batch(self, queries: Sequence[str], *, with_dense: bool = True) -> list[EncodedQuery]:
+        todo = [q for q in dict.fromkeys(queries) if (q, with_dense) not in self._memo]
+        if todo:
+            for q, e in zip(todo, super().encode_batch(todo, with_dense=with_dense)):
+                self._memo[(q, with_dense)] = e
+        return [self._memo[(q, with_dense)] for q in queries]
+
+
+def sweep(args: argparse.Namespace, queries: Path, qrels: Path) -> dict[str, dict]:
+    """Hybrid fusion settings: RRF's k and the per-branch prefetch, and DBSF.
+
+    ragops has no setting for RRF's k (both backends use ``RRF_K`` = 2, the engine's
+    default), so this experiment patches the constant the Edge backend reads. Run it on the
+    dev split: choosing settings on the test split would tune on the evaluation queries.
+    """
+    import ragops.vectorstore.edge as edge
+
+    base = settings_for(args)
+    encoder = CachingEncoder(base.embedder, base.ingest.sparse)
+    out: dict[str, dict] = {}
+    original = edge.RRF_K
+    try:
+        for fusion, rrf_k in [("rrf", 2), ("rrf", 10), ("rrf", 60), ("dbsf", None)]:
+            for prefetch in (20, 50, 100):
+                edge.RRF_K = rrf_k if rrf_k is not None else original
+                settings = settings_for(args, [f"retrieval.prefetch={prefetch}"])
+                with Retriever(settings, encoder=encoder) as retriever:
+                    res = evaluate_retrieval(retriever, queries, qrels, k=10, modes=("hybrid",), fusion=fusion, latency_samples=0)
+                label = f"hybrid {fusion}" + (f" k={rrf_k}" if rrf_k is not None else "") + f" prefetch={prefetch}"
+                out[label] = res["modes"]["hybrid"]
+                print(f"  {label}: recall@10={out[label]['recall@10']:.4f} ndcg@10={out[label]['ndcg@10']:.4f}", flush=True)
+    finally:
+        edge.RRF_K = original
+    return out
+
+
 def table(rows: dict[str, dict]) -> str:
     head = "| mode | queries | recall@1 | recall@5 | recall@10 | MRR@10 | nDCG@10 | p50 latency (ms) |"
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -141,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runner", choices=("local", "ray"), default="local", help="ingest runner (local was faster on 2 CPUs)")
     ap.add_argument("--split", choices=tuple(SPLIT_PREFIX), default="test", help="query split to score")
     ap.add_argument("--skip-ingest", action="store_true", help="search the existing index as it is")
+    ap.add_argument("--sweep", action="store_true",
+                    help="only score hybrid fusion settings (RRF k, prefetch, DBSF) on the split; use --split dev")
     ap.add_argument("--no-fusion-variants", action="store_true", help="score hybrid with RRF only")
     ap.add_argument("--rerank-model", help="CrossEncoder folder (e.g. from train_reranker.py); adds hybrid+rerank")
     ap.add_argument("--rerank-candidates", type=int, default=30, help="chunks the cross-encoder re-orders")
@@ -171,6 +219,18 @@ def main(argv: list[str] | None = None) -> int:
     with Retriever(settings) as r:
         results["index"] = {"chunks": r.store.count(), "documents": len(r.store.facet("doc_id", limit=1_000_000))}
     print(f"index: {results['index']['documents']} documents, {results['index']['chunks']} chunks", flush=True)
+
+    if args.sweep:
+        print(f"sweeping hybrid fusion settings on the {args.split} split ...", flush=True)
+        rows = sweep(args, queries, qrels)
+        results["sweep"] = rows
+        out = bench / f"sweep-{args.split}.json"
+        out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        print("\n| setting | recall@10 | nDCG@10 |\n|---|---:|---:|")
+        for label, m in rows.items():
+            print(f"| {label} | {m['recall@10']:.3f} | {m['ndcg@10']:.3f} |")
+        print(f"\nraw results: {out}")
+        return 0
 
     runs = [("dense", "dense", "rrf"), ("sparse (BM25)", "sparse", "rrf"), ("hybrid (RRF)", "hybrid", "rrf")]
     if not args.no_fusion_variants:

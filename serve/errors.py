@@ -29,7 +29,7 @@ class APIError(Exception):
         status: int,
         message: str,
         *,
-        type: str = "invalid_request_error",  # noqa: A002 - the OpenAI field name
+        type: str = "invalid_request_error",  # the OpenAI field name
         code: str | None = None,
         param: str | None = None,
         headers: dict[str, str] | None = None,

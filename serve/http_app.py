@@ -396,8 +396,13 @@ def create_app(ctx: IngressContext) -> FastAPI:
             question=reader_question(body, sc.history_turns),
             search=search,
             reader=rag.reader if rag else None,
-            gen={"max_new_tokens": limit, "temperature": body.temperature, "top_p": body.top_p,
-                 "stop": body.stop_list, "seed": body.seed},  # fmt: skip
+            gen={
+                "max_new_tokens": limit,
+                "temperature": body.temperature,
+                "top_p": body.top_p,
+                "stop": body.stop_list,
+                "seed": body.seed,
+            },
         )
         record = {"request_id": rid, "question": question, "model": body.model, "rag": params}
         if body.stream:

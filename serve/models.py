@@ -120,10 +120,11 @@ class ModelCatalog:
             out.append({"id": s.generator.model, "root": s.generator.model, "parent": None})
         for name, ref in s.serve.generator.adapters.items():
             out.append({"id": name, "root": ref, "parent": s.generator.model})
-        for entry in registry_adapters(s):
-            out.append(entry)
-        seen: set[str] = set()
-        return [m for m in out if not (m["id"] in seen or seen.add(m["id"]))]  # type: ignore[func-returns-value]
+        out.extend(registry_adapters(s))
+        unique: dict[str, dict[str, Any]] = {}
+        for m in out:
+            unique.setdefault(m["id"], m)  # the first entry of a name wins (base, then config, then registry)
+        return list(unique.values())
 
 
 def registry_adapters(settings: Settings) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ import json
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from ragops.commands.common import (
     ConfigOpt,
@@ -72,7 +72,7 @@ def models_list(
     if not artifacts:
         out.print(f"no trained artifacts in {registry.storage.uri()} (train one with `ragops train sft --data FILE`)")
         return
-    arts = Table("name", "kind", "base model", "created", "aliases", "metrics", title="trained artifacts", title_justify="left")
+    arts = Table(Column("name", no_wrap=True), "kind", "base model", "created", "aliases", "metrics", title="trained artifacts", title_justify="left")
     for a in artifacts:
         arts.add_row(a["name"], a["kind"], a["base_model"], a["created_at"], ", ".join(a["aliases"]) or "-", _headline(a["metrics"]))
     out.print(arts)

@@ -15,7 +15,7 @@ import json
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from ragops.commands.common import (
     ConfigOpt,
@@ -31,8 +31,11 @@ from ragops.commands.common import (
 
 runs_app = typer.Typer(help="Training runs: list, show per-step metrics, compare.", no_args_is_help=True)
 
-#: Per-step columns shown by `runs show`, in order.
-_STEP_COLUMNS = ("step", "loss", "learning_rate", "grad_norm", "tokens_per_s", "samples_per_s", "step_time_s", "eval_loss", "eval_accuracy")
+#: Per-step columns shown by `runs show`, in order, with their short headers.
+_STEP_COLUMNS = {
+    "step": "step", "loss": "loss", "learning_rate": "lr", "grad_norm": "grad", "tokens_per_s": "tok/s",
+    "samples_per_s": "samples/s", "step_time_s": "s/step", "eval_loss": "eval_loss", "eval_accuracy": "eval_acc",
+}  # fmt: skip
 
 
 def _cell(v: Any) -> str:
@@ -64,7 +67,8 @@ def runs_list(
     if not runs:
         out.print(f"no runs under {store.uri}")
         return
-    table = Table("run", "kind", "status", "steps", "eval_loss", "created", "tags", "artifact")
+    table = Table("kind", "status", "steps", "eval_loss", "created", "tags", "artifact")
+    table.columns.insert(0, Column("run", no_wrap=True))
     for r in runs:
         steps = f"{r.step}/{r.planned_steps}" if r.planned_steps else str(r.step)
         table.add_row(
@@ -108,7 +112,7 @@ def runs_show(
         out.print(final)
     if rows:
         cols = [c for c in _STEP_COLUMNS if any(c in r for r in rows)]
-        steps = Table(*cols, title="per-step metrics", title_justify="left")
+        steps = Table(*[_STEP_COLUMNS[c] for c in cols], title="per-step metrics (training time only)", title_justify="left")
         for r in rows:
             steps.add_row(*[_cell(r.get(c)) for c in cols])
         out.print(steps)

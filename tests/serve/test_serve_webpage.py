@@ -23,6 +23,11 @@ import pytest
 from tests.serve.conftest import CHAT_KEY, Served
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+try:
+    import websockets.sync.client  # noqa: F401 - the DevTools protocol client
+    HAVE_WEBSOCKETS = True
+except ImportError:
+    HAVE_WEBSOCKETS = False
 FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -32,6 +37,7 @@ FLAGS = [
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)"),
+    pytest.mark.skipif(not HAVE_WEBSOCKETS, reason="the 'websockets' package is not installed (pip install -e '.[dev]')"),
 ]
 
 
