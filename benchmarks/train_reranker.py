@@ -25,6 +25,7 @@ Usage::
 
     python benchmarks/train_reranker.py                      # after retrieval_quality.py ingested
     python benchmarks/train_reranker.py --max-minutes 20 --negatives 7
+    python benchmarks/train_reranker.py --resume --max-minutes 20   # go on where it stopped
 """
 
 from __future__ import annotations
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--freeze-layers", type=int, default=0, help="keep the embeddings and the first N layers fixed")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-5)
+    ap.add_argument("--resume", action="store_true",
+                    help="continue training the model in --out on the pairs it has not seen yet")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -144,13 +147,22 @@ def main(argv: list[str] | None = None) -> int:
     mine_s = time.perf_counter() - t0
     print(f"  {len(pairs)} pairs from {stats['queries']} queries in {mine_s:.0f}s: {stats}", flush=True)
 
-    base = resolve_model(args.base, kind="embedder").locate()
-    with tempfile.TemporaryDirectory() as tmp:
-        # Only the Hugging Face files: the folder's modules.json describes a bi-encoder.
-        for name in HF_FILES:
-            if (base / name).exists():
-                shutil.copy(base / name, Path(tmp) / name)
-        model = CrossEncoder(tmp, num_labels=1, max_length=args.max_length, device="cpu", local_files_only=True)
+    previous: dict = {}
+    if args.resume:
+        # Go on from a saved run: same pairs (same seed), starting after those it trained on.
+        previous = json.loads((args.out / "ragops_training.json").read_text(encoding="utf-8"))
+        done = int(previous["pairs_seen_total"])
+        print(f"resuming {args.out}: skipping the {done} pairs it was trained on", flush=True)
+        pairs = pairs[done:]
+        model = CrossEncoder(str(args.out), device="cpu", local_files_only=True)
+    else:
+        base = resolve_model(args.base, kind="embedder").locate()
+        with tempfile.TemporaryDirectory() as tmp:
+            # Only the Hugging Face files: the folder's modules.json describes a bi-encoder.
+            for name in HF_FILES:
+                if (base / name).exists():
+                    shutil.copy(base / name, Path(tmp) / name)
+            model = CrossEncoder(tmp, num_labels=1, max_length=args.max_length, device="cpu", local_files_only=True)
     if args.freeze_layers:
         bert = model[0].model.base_model
         for p in bert.embeddings.parameters():
@@ -199,18 +211,21 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model.save(str(args.out))
     steps = out.global_step
+    seen = min(len(pairs), steps * args.batch_size)
     meta = {
         "base": str(args.base),
         "train_queries": stats["queries"],
-        "pairs": len(pairs),
-        "pairs_seen": min(len(pairs), steps * args.batch_size),
-        "steps": steps,
-        "train_loss": round(float(out.training_loss), 4),
+        "pairs": len(pairs) + int(previous.get("pairs_seen_total", 0)),
+        "pairs_seen_total": seen + int(previous.get("pairs_seen_total", 0)),
+        "steps_total": steps + int(previous.get("steps_total", 0)),
+        "train_s_total": round(train_s + float(previous.get("train_s_total", 0.0)), 1),
+        "this_run": {"pairs_seen": seen, "steps": steps, "train_loss": round(float(out.training_loss), 4),
+                     "train_s": round(train_s, 1)},
+        "previous_runs": [*previous.get("previous_runs", []), previous["this_run"]] if previous else [],
         "mining": stats,
         "mine_s": round(mine_s, 1),
-        "train_s": round(train_s, 1),
         "args": {k: str(v) for k, v in vars(args).items()},
-    }
+    }  # fmt: skip
     (args.out / "ragops_training.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(meta, indent=2))
     print(f"saved the cross-encoder to {args.out}; use --set retrieval.rerank.model={args.out}")

@@ -182,6 +182,15 @@ class ServeConfig(_Strict):
     max_embedding_inputs: int = Field(256, ge=1, description="Most texts per /v1/embeddings request.")
     retry_after_s: int = Field(1, ge=0, description="Retry-After header (seconds) on 503 overload answers.")
     feedback_dir: Path | None = Field(None, description="Request log and feedback; None: <data_dir>/feedback.")
+    replica_niceness: int | None = Field(
+        0,
+        ge=-20,
+        le=19,
+        description="Scheduling niceness of the replica processes. Ray starts worker processes at niceness 15, "
+        "below everything interactive, which starves a latency-sensitive server on a busy machine; 0 is the "
+        "default priority. None keeps Ray's. Raising priority needs the privilege to (it is skipped with a "
+        "warning otherwise).",
+    )
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed to call the API from a browser.")
     ingress: IngressSettings = Field(default_factory=IngressSettings)
     embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from ragops.config import Settings
+
+log = logging.getLogger(__name__)
 
 
 def replica_settings(settings: dict[str, Any] | Settings, torch_threads_of: str | None = None) -> Settings:
@@ -24,6 +27,8 @@ def replica_settings(settings: dict[str, Any] | Settings, torch_threads_of: str 
     os.environ.setdefault("TQDM_DISABLE", "1")
     for noisy in ("transformers", "sentence_transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if s.serve.replica_niceness is not None:
+        renice(s.serve.replica_niceness)
     if torch_threads_of:
         threads = getattr(s.serve, torch_threads_of).torch_threads
         if threads:
@@ -31,3 +36,22 @@ def replica_settings(settings: dict[str, Any] | Settings, torch_threads_of: str 
 
             torch.set_num_threads(threads)
     return s
+
+
+def renice(niceness: int) -> None:
+    """Set every thread of this process to ``niceness`` (threads created later inherit it).
+
+    On Linux niceness is per thread, and Ray has already started some (event loop, gRPC), so
+    each task of ``/proc/self/task`` is set; elsewhere the process is.
+    """
+    tasks = Path("/proc/self/task")
+    ids = [int(t) for t in os.listdir(tasks)] if tasks.is_dir() else [0]
+    for tid in ids:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) != niceness:
+                os.setpriority(os.PRIO_PROCESS, tid, niceness)
+        except PermissionError:
+            log.warning("could not set the replica's niceness to %d (needs privileges); keeping Ray's", niceness)
+            return
+        except OSError:
+            continue  # a thread that ended meanwhile
