@@ -40,14 +40,20 @@ app = typer.Typer(
     add_completion=False,
 )
 index_app = typer.Typer(help="Inspect or drop a collection.", no_args_is_help=True)
-models_app = typer.Typer(help="Models ragops knows and where their weights come from.", no_args_is_help=True)
 config_app = typer.Typer(help="Show or validate configuration.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
-app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
 
 from ragops.commands.cluster import cluster_app, job_app, kuberay_app  # noqa: E402
+from ragops.commands.models import models_app  # noqa: E402
+from ragops.commands.runs import runs_app  # noqa: E402
+from ragops.commands.serve import serve_command  # noqa: E402
+from ragops.commands.train import train_app  # noqa: E402
 
+app.command("serve")(serve_command)
+app.add_typer(train_app, name="train")
+app.add_typer(models_app, name="models")
+app.add_typer(runs_app, name="runs")
 app.add_typer(job_app, name="job")
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(kuberay_app, name="kuberay")
@@ -420,23 +426,6 @@ def _record_eval(model: str | None, report: dict[str, Any]) -> str | None:
         return None
     metrics = {k: report[k] for k in ("exact_match", "token_f1", "answer_contains", "citation_precision") if report[k] is not None}
     return record_eval(model, metrics)
-
-
-# -- models ------------------------------------------------------------------------------
-@models_app.command("list")
-@handle_errors
-def models_list(as_json: JsonOpt = False) -> None:
-    """List known models, their source (packaged / hub / local) and whether they load here."""
-    from ragops.model_registry import list_models
-
-    rows = list_models()
-    if as_json:
-        emit_json({"models": rows})
-        return
-    table = Table("name", "kind", "source", "available", "description")
-    for r in rows:
-        table.add_row(r["name"], r["kind"], r["source"], "yes" if r["available"] else "no", r["description"])
-    out.print(table)
 
 
 # -- config ------------------------------------------------------------------------------
