@@ -56,10 +56,10 @@ import shutil
 import subprocess
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Iterator
 
 DEFAULT_DOCS = Path("/usr/share/doc/python3.11/html")
 DEFAULT_PACKAGE = "python3.11-doc"
@@ -67,17 +67,66 @@ AREAS = ("library", "reference", "tutorial", "howto", "faq", "using")
 ENTRY_KINDS = ("function", "method", "class", "exception")
 SEED = 20240611
 
-VOID = frozenset("area base br col embed hr img input link meta param source track wbr".split())
+VOID = frozenset(
+    [
+        "area",
+        "base",
+        "br",
+        "col",
+        "embed",
+        "hr",
+        "img",
+        "input",
+        "link",
+        "meta",
+        "param",
+        "source",
+        "track",
+        "wbr",
+    ]
+)
 BLOCK = frozenset(
-    "p div section dl dt dd li ul ol pre table thead tbody tr td th h1 h2 h3 h4 h5 h6 "
-    "blockquote hr br figure figcaption caption aside nav".split()
+    [
+        "p",
+        "div",
+        "section",
+        "dl",
+        "dt",
+        "dd",
+        "li",
+        "ul",
+        "ol",
+        "pre",
+        "table",
+        "thead",
+        "tbody",
+        "tr",
+        "td",
+        "th",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "blockquote",
+        "hr",
+        "br",
+        "figure",
+        "figcaption",
+        "caption",
+        "aside",
+        "nav",
+    ]
 )
 SKIP_TAGS = frozenset(("script", "style"))
 XREF_STARTS = (
     "alias", "an alias", "see ", "same as", "deprecated", "synonym", "identical to",
     "changed in", "new in", "added in", "this is an alias", "a deprecated alias",
 )  # fmt: skip
-_ABBREV = re.compile(r"(?:\b(?:e\.g|i\.e|etc|vs|cf|approx|resp|Ex|No|Dr|Mr|St)|\b[A-Za-z])\.$")
+_ABBREV = re.compile(
+    r"(?:\b(?:e\.g|i\.e|etc|vs|cf|approx|resp|Ex|No|Dr|Mr|St)|\b[A-Za-z])\.$"
+)
 _SENT_END = re.compile(r"[.!?](?=\s+[A-Z(`\"']|\s*$)")
 
 
@@ -105,7 +154,11 @@ class Node:
                 yield from c.iter()
 
     def find_all(self, tag: str, cls: str | None = None) -> list[Node]:
-        return [n for n in self.iter() if n.tag == tag and (cls is None or cls in n.classes())]
+        return [
+            n
+            for n in self.iter()
+            if n.tag == tag and (cls is None or cls in n.classes())
+        ]
 
     def ancestors(self) -> Iterator[Node]:
         n = self.parent
@@ -167,14 +220,22 @@ def render(node: Node, exclude: set[int] | None = None) -> str:
     out: list[str] = []
 
     def raw(n: Node) -> str:
-        return "".join(c if isinstance(c, str) else raw(c) for c in n.children if isinstance(c, str) or not _skipped(c))
+        return "".join(
+            c if isinstance(c, str) else raw(c)
+            for c in n.children
+            if isinstance(c, str) or not _skipped(c)
+        )
 
     def walk(n: Node) -> None:
         if _skipped(n) or (exclude and id(n) in exclude):
             return
         if n.tag == "pre":
             # Code keeps its indentation: mark its lines so the clean-up below keeps them.
-            out.append("\n" + "\n".join(_PRE + ln for ln in raw(n).strip("\n").split("\n")) + "\n")
+            out.append(
+                "\n"
+                + "\n".join(_PRE + ln for ln in raw(n).strip("\n").split("\n"))
+                + "\n"
+            )
             return
         block = n.tag in BLOCK
         if block:
@@ -188,7 +249,10 @@ def render(node: Node, exclude: set[int] | None = None) -> str:
             out.append("\n")
 
     walk(node)
-    lines = [ln[1:].rstrip() if ln.startswith(_PRE) else ln.strip() for ln in "".join(out).split("\n")]
+    lines = [
+        ln[1:].rstrip() if ln.startswith(_PRE) else ln.strip()
+        for ln in "".join(out).split("\n")
+    ]
     text = "\n".join(lines)
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
@@ -221,7 +285,9 @@ def remove_prefix_chars(p: Node, n_chars: int) -> None:
     element renders as nothing).
     """
     remaining = n_chars
-    last_ws = True  # inline_text strips leading whitespace: it is consumed without counting
+    last_ws = (
+        True  # inline_text strips leading whitespace: it is consumed without counting
+    )
 
     def walk(n: Node) -> bool:
         nonlocal remaining, last_ws
@@ -284,7 +350,9 @@ def process_page(path: Path, rel: str) -> tuple[list[SectionDoc], list[Candidate
     rendered, so no document contains its own query sentence at that place.
     """
     root = parse_html(path.read_text(encoding="utf-8", errors="replace"))
-    body = next((n for n in root.find_all("div", "body") if n.attrs.get("role") == "main"), None)
+    body = next(
+        (n for n in root.find_all("div", "body") if n.attrs.get("role") == "main"), None
+    )
     if body is None:
         return [], []
     sections = body.find_all("section")
@@ -295,15 +363,21 @@ def process_page(path: Path, rel: str) -> tuple[list[SectionDoc], list[Candidate
     def owner(n: Node) -> Node | None:
         return next((a for a in n.ancestors() if a.tag == "section"), None)
 
-    doc_of = {id(s): f"{rel}#{s.attrs.get('id', str(i))}" for i, s in enumerate(sections)}
+    doc_of = {
+        id(s): f"{rel}#{s.attrs.get('id', str(i))}" for i, s in enumerate(sections)
+    }
     candidates: list[Candidate] = []
     for dl in body.find_all("dl"):
         cls = dl.classes()
         kind = next((k for k in ENTRY_KINDS if k in cls), None)
         if "py" not in cls or kind is None:
             continue
-        dt = next((c for c in dl.children if isinstance(c, Node) and c.tag == "dt"), None)
-        dd = next((c for c in dl.children if isinstance(c, Node) and c.tag == "dd"), None)
+        dt = next(
+            (c for c in dl.children if isinstance(c, Node) and c.tag == "dt"), None
+        )
+        dd = next(
+            (c for c in dl.children if isinstance(c, Node) and c.tag == "dd"), None
+        )
         sec = owner(dl)
         if dt is None or dd is None or sec is None or not dt.attrs.get("id"):
             continue
@@ -315,19 +389,40 @@ def process_page(path: Path, rel: str) -> tuple[list[SectionDoc], list[Candidate
         if not sentence:
             continue
         remove_prefix_chars(p, len(sentence))
-        if inline_text(p) != para[len(sentence) :].strip():  # never happened on 3.11's docs
-            raise AssertionError(f"{rel}#{dt.attrs['id']}: removing the first sentence went wrong")
-        candidates.append(Candidate(rel, doc_of[id(sec)], dt.attrs["id"], kind, sentence.rstrip(".").strip()))
+        if (
+            inline_text(p) != para[len(sentence) :].strip()
+        ):  # never happened on 3.11's docs
+            raise AssertionError(
+                f"{rel}#{dt.attrs['id']}: removing the first sentence went wrong"
+            )
+        candidates.append(
+            Candidate(
+                rel, doc_of[id(sec)], dt.attrs["id"], kind, sentence.rstrip(".").strip()
+            )
+        )
 
     docs: list[SectionDoc] = []
     for s in sections:
         nested = {id(n) for n in s.iter() if n is not s and n.tag == "section"}
         text = render(s, exclude=nested)
         heading = _heading(s)
-        if len(text) <= len(heading) + 20:  # a heading alone (e.g. a section of sub-sections)
+        if (
+            len(text) <= len(heading) + 20
+        ):  # a heading alone (e.g. a section of sub-sections)
             continue
-        title = page_title if heading in ("", page_title) else f"{page_title} > {heading}"
-        docs.append(SectionDoc(doc_of[id(s)], rel, s.attrs.get("id", ""), rel.split("/")[0], title, text))
+        title = (
+            page_title if heading in ("", page_title) else f"{page_title} > {heading}"
+        )
+        docs.append(
+            SectionDoc(
+                doc_of[id(s)],
+                rel,
+                s.attrs.get("id", ""),
+                rel.split("/")[0],
+                title,
+                text,
+            )
+        )
     return docs, candidates
 
 
@@ -335,7 +430,9 @@ def _norm(s: str) -> str:
     return " ".join(s.lower().split())
 
 
-def filter_candidates(cands: list[Candidate], docs: list[SectionDoc]) -> tuple[list[Candidate], Counter[str]]:
+def filter_candidates(
+    cands: list[Candidate], docs: list[SectionDoc]
+) -> tuple[list[Candidate], Counter[str]]:
     """Apply the drop rules of the module docstring; returns the kept ones and drop counts."""
     dropped: Counter[str] = Counter()
     doc_ids = {d.doc_id for d in docs}
@@ -353,7 +450,10 @@ def filter_candidates(cands: list[Candidate], docs: list[SectionDoc]) -> tuple[l
             dropped["length"] += 1
         elif q.startswith(XREF_STARTS):
             dropped["cross-reference"] += 1
-        elif re.search(rf"(?<![\w.]){re.escape(short)}(?!\w)", c.query) or c.name in c.query:
+        elif (
+            re.search(rf"(?<![\w.]){re.escape(short)}(?!\w)", c.query)
+            or c.name in c.query
+        ):
             dropped["names its object"] += 1
         elif len(by_text[q]) > 1:
             dropped["same sentence for several entries"] += 1
@@ -372,7 +472,9 @@ def filter_candidates(cands: list[Candidate], docs: list[SectionDoc]) -> tuple[l
     return final, dropped
 
 
-def split_pages(cands: list[Candidate], test_share: float, dev_share: float, seed: int) -> dict[str, str]:
+def split_pages(
+    cands: list[Candidate], test_share: float, dev_share: float, seed: int
+) -> dict[str, str]:
     """Page → split, pages shuffled with ``seed`` and filled test first, then dev, then train."""
     per_page = Counter(c.page for c in cands)
     pages = sorted(per_page)
@@ -394,7 +496,12 @@ def split_pages(cands: list[Candidate], test_share: float, dev_share: float, see
 
 def package_version(package: str) -> str:
     try:
-        res = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True, check=False)
+        res = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", package],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     except FileNotFoundError:
         return "unknown (no dpkg)"
     return res.stdout.strip() or "unknown (not installed)"
@@ -407,21 +514,60 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("docs", nargs="?", type=Path, default=DEFAULT_DOCS,
-                    help=f"root of the Sphinx HTML docs (default {DEFAULT_DOCS}, from `apt-get install {DEFAULT_PACKAGE}`)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out" / "pydocs", help="output folder")
-    ap.add_argument("--areas", nargs="+", default=list(AREAS), help="sub-folders of the docs to index")
-    ap.add_argument("--package", default=DEFAULT_PACKAGE, help="Debian package the docs came from (for the stats)")
-    ap.add_argument("--test-share", type=float, default=0.5, help="share of the queries (by page) in the test split")
-    ap.add_argument("--dev-share", type=float, default=0.15, help="share of the queries (by page) in the dev split")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "docs",
+        nargs="?",
+        type=Path,
+        default=DEFAULT_DOCS,
+        help=f"root of the Sphinx HTML docs (default {DEFAULT_DOCS}, from `apt-get install {DEFAULT_PACKAGE}`)",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "out" / "pydocs",
+        help="output folder",
+    )
+    ap.add_argument(
+        "--areas",
+        nargs="+",
+        default=list(AREAS),
+        help="sub-folders of the docs to index",
+    )
+    ap.add_argument(
+        "--package",
+        default=DEFAULT_PACKAGE,
+        help="Debian package the docs came from (for the stats)",
+    )
+    ap.add_argument(
+        "--test-share",
+        type=float,
+        default=0.5,
+        help="share of the queries (by page) in the test split",
+    )
+    ap.add_argument(
+        "--dev-share",
+        type=float,
+        default=0.15,
+        help="share of the queries (by page) in the dev split",
+    )
     ap.add_argument("--seed", type=int, default=SEED)
     args = ap.parse_args(argv)
 
     docs_root: Path = args.docs
     if not (docs_root / "library").is_dir():
-        hint = f" (install it with `apt-get install {DEFAULT_PACKAGE}`)" if docs_root == DEFAULT_DOCS else ""
-        print(f"error: {docs_root} is not the root of the Python HTML docs: no library/ folder there{hint}", file=sys.stderr)
+        hint = (
+            f" (install it with `apt-get install {DEFAULT_PACKAGE}`)"
+            if docs_root == DEFAULT_DOCS
+            else ""
+        )
+        print(
+            f"error: {docs_root} is not the root of the Python HTML docs: no library/ folder there{hint}",
+            file=sys.stderr,
+        )
         return 2
 
     all_docs: list[SectionDoc] = []
@@ -458,7 +604,10 @@ def main(argv: list[str] | None = None) -> int:
     prefix = {"test": "", "dev": "dev_", "train": "train_"}
     for split, pre in prefix.items():
         rows = sorted(by_split[split], key=lambda c: (c.page, c.name))
-        _write_jsonl(out / f"{pre}queries.jsonl", [{"qid": f"{split}-{i:05d}", "query": c.query} for i, c in enumerate(rows)])
+        _write_jsonl(
+            out / f"{pre}queries.jsonl",
+            [{"qid": f"{split}-{i:05d}", "query": c.query} for i, c in enumerate(rows)],
+        )
         _write_jsonl(out / f"{pre}qrels.jsonl", [
             {"qid": f"{split}-{i:05d}", "doc_id": c.doc_id, "entry": c.name, "kind": c.kind} for i, c in enumerate(rows)
         ])  # fmt: skip
@@ -476,13 +625,19 @@ def main(argv: list[str] | None = None) -> int:
         "dropped": dict(dropped),
         "queries": {s: len(by_split[s]) for s in prefix},
         "pages_per_split": dict(Counter(splits.values())),
-        "relevant_docs_per_split": {s: len({c.doc_id for c in by_split[s]}) for s in prefix},
+        "relevant_docs_per_split": {
+            s: len({c.doc_id for c in by_split[s]}) for s in prefix
+        },
         "query_kinds": dict(Counter(c.kind for c in kept)),
         "seed": args.seed,
     }
-    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    (out / "stats.json").write_text(
+        json.dumps(stats, indent=2) + "\n", encoding="utf-8"
+    )
     print(json.dumps(stats, indent=2))
-    print(f"wrote {out}/corpus/ ({len(per_page)} JSONL files, one per page) and queries/qrels for test, dev, train")
+    print(
+        f"wrote {out}/corpus/ ({len(per_page)} JSONL files, one per page) and queries/qrels for test, dev, train"
+    )
     return 0
 
 

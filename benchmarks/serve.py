@@ -64,16 +64,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_processes() -> list[psutil.Process]:
+    """This run's Ray Serve processes (controller, proxy, replicas): descendants of this driver."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if " ".join(p.cmdline()).startswith(SERVE_PROCESS_PREFIXES):
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    """User + system CPU time consumed so far by ``procs``."""
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
 def serve_memory() -> dict[str, Any]:
     """RSS and PSS (MiB) of this run's Ray Serve processes (descendants of this driver)."""
     rows = []
-    for p in psutil.Process().children(recursive=True):
+    for p in serve_processes():
         try:
-            cmd = " ".join(p.cmdline())
-            if cmd.startswith(SERVE_PROCESS_PREFIXES):
-                info = p.memory_full_info()
-                rows.append({"process": cmd.split()[0], "rss_mib": info.rss / 2**20,
-                             "pss_mib": getattr(info, "pss", 0) / 2**20, "nice": p.nice()})  # fmt: skip
+            info = p.memory_full_info()
+            rows.append({"process": p.cmdline()[0], "rss_mib": info.rss / 2**20,
+                         "pss_mib": getattr(info, "pss", 0) / 2**20, "nice": p.nice()})  # fmt: skip
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return {
@@ -83,11 +105,15 @@ def serve_memory() -> dict[str, Any]:
     }
 
 
-async def load(url: str, path: str, bodies: list[dict[str, Any]], clients: int) -> dict[str, Any]:
-    """``clients`` concurrent clients split ``bodies`` and send them back to back."""
+async def load(url: str, path: str, bodies: list[dict[str, Any]], clients: int, procs: list[psutil.Process]) -> dict[str, Any]:
+    """``clients`` concurrent clients split ``bodies`` and send them back to back.
+
+    ``procs`` (the Serve processes) are charged the CPU time spent serving the run.
+    """
     latencies: list[float] = []
     tokens = 0
     errors = 0
+    failed: dict[int, int] = {}
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
 
         async def client(mine: list[dict[str, Any]]) -> None:
@@ -98,22 +124,27 @@ async def load(url: str, path: str, bodies: list[dict[str, Any]], clients: int) 
                 latencies.append(time.perf_counter() - t0)
                 if r.status_code != 200:
                     errors += 1
+                    failed[r.status_code] = failed.get(r.status_code, 0) + 1
                     continue
                 tokens += r.json().get("usage", {}).get("completion_tokens", 0)
 
-        started = time.perf_counter()
+        cpu0, started = cpu_seconds(procs), time.perf_counter()
         await asyncio.gather(*(client(bodies[i::clients]) for i in range(clients)))
         wall = time.perf_counter() - started
+        cpu = cpu_seconds(procs) - cpu0
     return {
         "clients": clients,
         "requests": len(bodies),
         "errors": errors,
+        "error_statuses": failed,
         "p50_s": percentile(latencies, 50),
         "p99_s": percentile(latencies, 99),
         "requests_per_s": len(bodies) / wall,
         "tokens": tokens,
         "tokens_per_s": tokens / wall,
         "wall_s": wall,
+        "serve_cpu_s": cpu,
+        "tokens_per_cpu_s": tokens / cpu if cpu else 0.0,
     }
 
 
@@ -186,15 +217,22 @@ def main() -> None:
                 local.ask(q, k=5, max_new_tokens=args.max_tokens, temperature=0)
 
             # 1. HTTP vs in-process, alternating question by question.
-            http_s, local_s, http_gen, local_gen, same = [], [], [], [], 0
+            # CPU seconds as well as wall time: on a shared machine wall time also measures the
+            # neighbours, CPU time only the work each path does (HTTP: every Serve process plus
+            # this client; in-process: this process).
+            procs = [*serve_processes(), psutil.Process()]
+            me = [psutil.Process()]
+            http_s, local_s, http_gen, local_gen, http_cpu, local_cpu, same = [], [], [], [], [], [], 0
             for q in questions(args.compare_questions):
-                t0 = time.perf_counter()
+                c0, t0 = cpu_seconds(procs), time.perf_counter()
                 r = http.post("/v1/chat/completions", json={"model": "ragops", "messages": [{"role": "user", "content": q}], **gen})
                 http_s.append(time.perf_counter() - t0)
+                http_cpu.append(cpu_seconds(procs) - c0)
                 http_gen.append(r.json()["ragops"]["timings"]["generate_s"])
-                t0 = time.perf_counter()
+                c0, t0 = cpu_seconds(me), time.perf_counter()
                 a = local.ask(q, k=5, max_new_tokens=args.max_tokens, temperature=0)
                 local_s.append(time.perf_counter() - t0)
+                local_cpu.append(cpu_seconds(me) - c0)
                 local_gen.append(a.timings["generate_s"])
                 same += r.json()["choices"][0]["message"]["content"] == a.answer
             results["http_vs_inprocess"] = {
@@ -205,6 +243,9 @@ def main() -> None:
                 # Generation alone (reader call, prefill included), as each side reports it.
                 "http_generate_p50_s": statistics.median(http_gen),
                 "inprocess_generate_p50_s": statistics.median(local_gen),
+                "http_cpu_p50_s": statistics.median(http_cpu),
+                "inprocess_cpu_p50_s": statistics.median(local_cpu),
+                "cpu_ratio_p50": statistics.median(http_cpu) / statistics.median(local_cpu),
                 "identical_answers": same,
             }
             print(json.dumps(results["http_vs_inprocess"]), flush=True)
@@ -215,18 +256,19 @@ def main() -> None:
         for c in args.concurrency:
             n = max(40, c * args.search_per_client)
             bodies = [{"query": q, "k": 5} for q in questions(n)]
-            res = asyncio.run(load(url, "/v1/search", bodies, c))
+            res = asyncio.run(load(url, "/v1/search", bodies, c, serve_processes()))
             results["search"].append(res)
             print("search", json.dumps(res), flush=True)
         for c in args.concurrency:
             n = max(8, c * args.chat_per_client)
             bodies = [{"model": "ragops", "messages": [{"role": "user", "content": q}], **gen} for q in questions(n)]
-            res = asyncio.run(load(url, "/v1/chat/completions", bodies, c))
+            res = asyncio.run(load(url, "/v1/chat/completions", bodies, c, serve_processes()))
             results["chat"].append(res)
             print("chat", json.dumps(res), flush=True)
         by_c = {r["clients"]: r for r in results["chat"]}
         if 1 in by_c and 8 in by_c:
             results["batching_gain_8_vs_1"] = by_c[8]["tokens_per_s"] / by_c[1]["tokens_per_s"]
+            results["batching_gain_per_cpu_8_vs_1"] = by_c[8]["tokens_per_cpu_s"] / by_c[1]["tokens_per_cpu_s"]
 
         # 3. Memory of the Serve processes (models loaded, after load).
         results["memory"] = serve_memory()
@@ -247,16 +289,19 @@ def report(r: dict[str, Any]) -> None:
     print(f"\nchat p50, max_tokens {r['max_tokens']}, {c['questions']} questions: HTTP {c['http_p50_s']:.3f} s, "
           f"in-process RAGPipeline.ask {c['inprocess_p50_s']:.3f} s, ratio {c['ratio_p50']:.3f} "
           f"(identical answers: {c['identical_answers']}/{c['questions']}); generation alone: served "
-          f"{c['http_generate_p50_s']:.3f} s, in-process {c['inprocess_generate_p50_s']:.3f} s")  # fmt: skip
-    print("\n| endpoint | clients | requests | p50 (s) | p99 (s) | requests/s | tokens/s | errors |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          f"{c['http_generate_p50_s']:.3f} s, in-process {c['inprocess_generate_p50_s']:.3f} s; CPU seconds per "
+          f"request: HTTP {c['http_cpu_p50_s']:.3f}, in-process {c['inprocess_cpu_p50_s']:.3f}, ratio {c['cpu_ratio_p50']:.3f}")  # fmt: skip
+    print("\n| endpoint | clients | requests | p50 (s) | p99 (s) | requests/s | tokens/s | Serve CPU s | tokens/CPU s | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in ("search", "chat"):
         for x in r[name]:
             tps = f"{x['tokens_per_s']:.1f}" if name == "chat" else "-"
+            tpc = f"{x['tokens_per_cpu_s']:.1f}" if name == "chat" else "-"
             print(f"| {name} | {x['clients']} | {x['requests']} | {x['p50_s']:.3f} | {x['p99_s']:.3f} | "
-                  f"{x['requests_per_s']:.2f} | {tps} | {x['errors']} |")  # fmt: skip
+                  f"{x['requests_per_s']:.2f} | {tps} | {x['serve_cpu_s']:.1f} | {tpc} | {x['errors']} |")  # fmt: skip
     if "batching_gain_8_vs_1" in r:
-        print(f"\nbatching: 8 clients / 1 client total tokens/s = {r['batching_gain_8_vs_1']:.2f}x")
+        print(f"\nbatching: 8 clients / 1 client: total tokens/s {r['batching_gain_8_vs_1']:.2f}x, "
+              f"tokens per Serve CPU second {r['batching_gain_per_cpu_8_vs_1']:.2f}x")
     mem = r["memory"]
     print(f"\nRay Serve processes: RSS {mem['rss_total_mib']:.0f} MiB in total, PSS {mem['pss_total_mib']:.0f} MiB")
     for p in mem["processes"]:

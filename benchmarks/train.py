@@ -7,8 +7,13 @@ safetensors):
 
 * ``plain``  — TRL's ``SFTTrainer`` in one plain process: no ragops, no Ray (the baseline);
 * ``local``  — ``ragops.finetune.train`` with ``finetune.runner=local`` (in-process);
-* ``ray1``   — Ray Train, 1 worker with 2 CPUs, per-worker batch = global batch;
+* ``ray1``   — Ray Train, 1 worker, per-worker batch = global batch;
 * ``ray2``   — Ray Train, 2 workers with 1 CPU each, DDP over gloo, per-worker batch = global / 2.
+
+``plain``, ``local`` and ``ray1`` use ``--threads`` torch threads (default 1, the same as each
+``ray2`` worker): on a 2-core machine shared with other processes, a 2-thread OpenMP process
+slows down several-fold whenever a core is taken (its threads spin at every barrier), which
+would swamp the Ray overhead being measured. ``--threads 2`` measures that setting.
 
 Each configuration runs in its own subprocess (a clean peak-memory reading, a fresh Ray), one
 after the other. Reported per configuration: samples/s and tokens/s over the optimizer steps
@@ -74,7 +79,7 @@ def overrides(args: argparse.Namespace, config: str) -> list[str]:
         f"finetune.runner={'local' if config in ('plain', 'local') else 'ray'}",
         "finetune.data.runner=local",
         f"finetune.workers={workers}",
-        f"finetune.cpus_per_worker={1 if workers == 2 else 2}",
+        f"finetune.cpus_per_worker={1 if workers == 2 else args.threads}",
         f"finetune.sft.batch_size={args.batch // workers}",
         f"finetune.sft.max_steps={args.steps}",
         f"finetune.sft.max_length={args.max_length}",
@@ -91,7 +96,7 @@ def overrides(args: argparse.Namespace, config: str) -> list[str]:
 # ---------------------------------------------------------------------------------------
 
 
-def run_plain(settings: Any, data: Path) -> dict[str, Any]:
+def run_plain(settings: Any, data: Path, threads: int) -> dict[str, Any]:
     """TRL's SFTTrainer on the same examples, model and arguments, in this process."""
     import torch
     from datasets import Dataset
@@ -108,7 +113,7 @@ def run_plain(settings: Any, data: Path) -> dict[str, Any]:
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     ft = settings.finetune
     source = materialize_base(resolve_base(settings.generator.model), Path(settings.data_dir) / "cache" / "base-models")
     examples = build_sft_examples(data, settings).examples
@@ -169,8 +174,10 @@ def one(args: argparse.Namespace) -> None:
     from ragops.config import load_settings
 
     settings = load_settings([], [*overrides(args, args.one), "ray.num_cpus=2"], data_dir=args.home, environ={})
-    res = run_plain(settings, args.data) if args.one == "plain" else run_ragops(settings, args.data)
+    load = os.getloadavg()[0]
+    res = run_plain(settings, args.data, args.threads) if args.one == "plain" else run_ragops(settings, args.data)
     res["wall_s"] = time.perf_counter() - T0
+    res["load_1min"] = [round(load, 2), round(os.getloadavg()[0], 2)]
     print("RESULT " + json.dumps(res))
 
 
@@ -191,6 +198,7 @@ def summarize(config: str, res: dict[str, Any], batch: int) -> dict[str, Any]:
         "train_s": train_s,
         "wall_s": res["wall_s"],
         "peak_rss_mb": res["peak_rss_mb"],
+        "load_1min": res.get("load_1min"),
     }
 
 
@@ -218,6 +226,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="Global batch (per-worker batch = batch / workers).")
     parser.add_argument("--max-length", type=int, default=192, help="Tokens per example (truncation).")
     parser.add_argument("--examples", type=int, default=64, help="Training examples.")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of plain, local and ray1 (ray2: 1 per worker).")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"Comma-separated subset of {', '.join(CONFIGS)}.")
     parser.add_argument("--home", type=Path, default=REPO / "benchmarks" / "out" / "train-home", help="Data dir (model cache, runs).")
     parser.add_argument("--json", action="store_true", help="Print the results as JSON.")
@@ -241,7 +250,8 @@ def main() -> None:
     results = []
     for config in args.configs.split(","):
         cmd = [sys.executable, __file__, "--one", config, "--data", str(data), "--home", str(args.home),
-               "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length)]  # fmt: skip
+               "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length),
+               "--threads", str(args.threads)]  # fmt: skip
         print(f"running {config} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -257,15 +267,18 @@ def main() -> None:
         print(json.dumps({"machine": info, "args": {k: v for k, v in vars(args).items() if k not in ("one", "data", "home")}, "results": results}, indent=2, default=str))
         return
     print(f"machine: nproc={info['nproc']} cpu={info['cpu']!r} python={info['python']} torch={info['torch']} load={info['load_avg_start']}")
-    print(f"SFT LoRA r=16, {args.steps} steps, global batch {args.batch}, max_length {args.max_length}, {args.examples} examples")
-    head = f"{'config':<7} {'samples/s':>9} {'tokens/s':>9} {'s/step':>7} {'vs plain':>8} {'train s':>8} {'wall s':>7} {'overhead s':>10} {'peak MB':>8}"
+    print(f"SFT LoRA r=16, {args.steps} steps, global batch {args.batch}, max_length {args.max_length}, {args.examples} examples, "
+          f"{args.threads} thread(s) for plain/local/ray1")  # fmt: skip
+    head = (f"{'config':<7} {'samples/s':>9} {'tokens/s':>9} {'s/step':>7} {'vs plain':>8} {'train s':>8} {'wall s':>7} "
+            f"{'overhead s':>10} {'peak MB':>8} {'load 1m':>11}")  # fmt: skip
     print(head)
     print("-" * len(head))
     for r in results:
         ratio = f"{r['step_vs_plain']:.2f}x" if r["step_vs_plain"] else "-"
         over = f"{r['wall_overhead_s']:+.1f}" if r["wall_overhead_s"] is not None else "-"
+        load = "→".join(f"{x:.1f}" for x in r["load_1min"]) if r.get("load_1min") else "-"
         print(f"{r['config']:<7} {r['samples_per_s']:>9.2f} {r['tokens_per_s']:>9.1f} {r['step_s_median']:>7.2f} {ratio:>8} "
-              f"{r['train_s']:>8.1f} {r['wall_s']:>7.1f} {over:>10} {r['peak_rss_mb']:>8.0f}")  # fmt: skip
+              f"{r['train_s']:>8.1f} {r['wall_s']:>7.1f} {over:>10} {r['peak_rss_mb']:>8.0f} {load:>11}")  # fmt: skip
 
 
 if __name__ == "__main__":

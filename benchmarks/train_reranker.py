@@ -43,38 +43,63 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_BENCH = HERE / "out" / "pydocs"
 DEFAULT_DATA = HERE / "out" / "pydocs-index"
 DEFAULT_OUT = HERE / "out" / "reranker-minilm"
-HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+HF_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
 
 
 def mine_pairs(args: argparse.Namespace) -> tuple[list[tuple[str, str, float]], dict]:
     """(query, passage, label) pairs from the train split, with hard negatives from hybrid search."""
-    from ragops.config import load_settings
     from ragops.retrieval.evaluate import read_jsonl
     from ragops.retrieval.rerank import pair_text
     from ragops.retrieval.search import Retriever, SearchHit
+
+    from ragops.config import load_settings
     from ragops.vectorstore.base import Filter, Hit, Match
 
     bench: Path = args.bench
-    queries = {q["qid"]: q["query"] for q in read_jsonl(bench / "train_queries.jsonl", ["qid", "query"])}
-    qrels = {r["qid"]: r for r in read_jsonl(bench / "train_qrels.jsonl", ["qid", "doc_id"])}
+    queries = {
+        q["qid"]: q["query"]
+        for q in read_jsonl(bench / "train_queries.jsonl", ["qid", "query"])
+    }
+    qrels = {
+        r["qid"]: r for r in read_jsonl(bench / "train_qrels.jsonl", ["qid", "doc_id"])
+    }
     held_out_pages = {
         r["doc_id"].split("#", 1)[0]
         for name in ("qrels.jsonl", "dev_qrels.jsonl")
         for r in read_jsonl(bench / name, ["qid", "doc_id"])
     }
-    settings = load_settings(overrides=[f"data_dir={args.data_dir}", f"vectorstore.collection={args.collection}"])
+    settings = load_settings(
+        overrides=[
+            f"data_dir={args.data_dir}",
+            f"vectorstore.collection={args.collection}",
+        ]
+    )
     rng = random.Random(args.seed)
     qids = sorted(q for q in queries if q in qrels)
     rng.shuffle(qids)
     if args.max_queries:
         qids = qids[: args.max_queries]
     pairs: list[tuple[str, str, float]] = []
-    stats = {"queries": 0, "positive_in_candidates": 0, "positive_by_name": 0, "negatives": 0}
+    stats = {
+        "queries": 0,
+        "positive_in_candidates": 0,
+        "positive_by_name": 0,
+        "negatives": 0,
+    }
     with Retriever(settings) as retriever:
         store = retriever.store
         for start in range(0, len(qids), 64):
             batch = qids[start : start + 64]
-            found = retriever.search_batch([queries[q] for q in batch], k=args.candidates, mode="hybrid")
+            found = retriever.search_batch(
+                [queries[q] for q in batch], k=args.candidates, mode="hybrid"
+            )
             for qid, res in zip(batch, found):
                 rel = qrels[qid]["doc_id"]
                 short = str(qrels[qid].get("entry", "")).rsplit(".", 1)[-1]
@@ -83,19 +108,29 @@ def mine_pairs(args: argparse.Namespace) -> tuple[list[tuple[str, str, float]], 
                 retrieved = [h for h in res.hits if h.doc_id == rel]
                 seen = {h.chunk_id for h in retrieved}
                 stored = sorted(
-                    (SearchHit.from_store_hit(Hit(r.id, 0.0, r.payload), 0) for r in store.scroll(Filter(must=[Match("doc_id", [rel])]))),
+                    (
+                        SearchHit.from_store_hit(Hit(r.id, 0.0, r.payload), 0)
+                        for r in store.scroll(Filter(must=[Match("doc_id", [rel])]))
+                    ),
                     key=lambda h: h.chunk_index,
                 )
                 own = retrieved + [h for h in stored if h.chunk_id not in seen]
                 if not own:
                     continue
-                named = [h for h in own if short and re.search(rf"(?<![\w.]){re.escape(short)}\(", h.text)]
+                named = [
+                    h
+                    for h in own
+                    if short and re.search(rf"(?<![\w.]){re.escape(short)}\(", h.text)
+                ]
                 positive = named[0] if named else own[0]
                 stats["positive_by_name"] += bool(named)
                 stats["positive_in_candidates"] += bool(retrieved)
                 best_other: dict[str, object] = {}
                 for h in res.hits:
-                    if h.doc_id != rel and h.doc_id.split("#", 1)[0] not in held_out_pages:
+                    if (
+                        h.doc_id != rel
+                        and h.doc_id.split("#", 1)[0] not in held_out_pages
+                    ):
                         best_other.setdefault(h.doc_id, h)
                 others = list(best_other.values())
                 top = others[: (args.negatives + 1) // 2]
@@ -105,36 +140,73 @@ def mine_pairs(args: argparse.Namespace) -> tuple[list[tuple[str, str, float]], 
                 pairs.extend((queries[qid], pair_text(n), 0.0) for n in negs)  # type: ignore[arg-type]
                 stats["queries"] += 1
                 stats["negatives"] += len(negs)
-            print(f"  mined {start + len(batch)}/{len(qids)} queries, {len(pairs)} pairs", flush=True)
+            print(
+                f"  mined {start + len(batch)}/{len(qids)} queries, {len(pairs)} pairs",
+                flush=True,
+            )
     rng.shuffle(pairs)
     return pairs, stats
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--bench", type=Path, default=DEFAULT_BENCH)
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--collection", default="pydocs")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--base", default="minilm-l6", help="registry name or folder of the BERT encoder to start from")
-    ap.add_argument("--candidates", type=int, default=30, help="hybrid hits negatives are drawn from")
+    ap.add_argument(
+        "--base",
+        default="minilm-l6",
+        help="registry name or folder of the BERT encoder to start from",
+    )
+    ap.add_argument(
+        "--candidates",
+        type=int,
+        default=30,
+        help="hybrid hits negatives are drawn from",
+    )
     ap.add_argument("--negatives", type=int, default=3, help="hard negatives per query")
-    ap.add_argument("--max-queries", type=int, default=0, help="use at most this many train queries (0: all)")
-    ap.add_argument("--max-minutes", type=float, default=15.0, help="stop training after this long")
-    ap.add_argument("--max-length", type=int, default=128,
-                    help="tokens of query + passage, in training and at query time (saved with the model)")
-    ap.add_argument("--freeze-layers", type=int, default=0, help="keep the embeddings and the first N layers fixed")
+    ap.add_argument(
+        "--max-queries",
+        type=int,
+        default=0,
+        help="use at most this many train queries (0: all)",
+    )
+    ap.add_argument(
+        "--max-minutes", type=float, default=15.0, help="stop training after this long"
+    )
+    ap.add_argument(
+        "--max-length",
+        type=int,
+        default=128,
+        help="tokens of query + passage, in training and at query time (saved with the model)",
+    )
+    ap.add_argument(
+        "--freeze-layers",
+        type=int,
+        default=0,
+        help="keep the embeddings and the first N layers fixed",
+    )
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-5)
-    ap.add_argument("--resume", action="store_true",
-                    help="continue training the model in --out on the pairs it has not seen yet")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue training the model in --out on the pairs it has not seen yet",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
     import torch
     from datasets import Dataset
     from sentence_transformers import CrossEncoder
-    from sentence_transformers.cross_encoder import CrossEncoderTrainer, CrossEncoderTrainingArguments
+    from sentence_transformers.cross_encoder import (
+        CrossEncoderTrainer,
+        CrossEncoderTrainingArguments,
+    )
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
     from transformers import TrainerCallback
 
@@ -145,14 +217,22 @@ def main(argv: list[str] | None = None) -> int:
     print("mining training pairs from the train split ...", flush=True)
     pairs, stats = mine_pairs(args)
     mine_s = time.perf_counter() - t0
-    print(f"  {len(pairs)} pairs from {stats['queries']} queries in {mine_s:.0f}s: {stats}", flush=True)
+    print(
+        f"  {len(pairs)} pairs from {stats['queries']} queries in {mine_s:.0f}s: {stats}",
+        flush=True,
+    )
 
     previous: dict = {}
     if args.resume:
         # Go on from a saved run: same pairs (same seed), starting after those it trained on.
-        previous = json.loads((args.out / "ragops_training.json").read_text(encoding="utf-8"))
+        previous = json.loads(
+            (args.out / "ragops_training.json").read_text(encoding="utf-8")
+        )
         done = int(previous["pairs_seen_total"])
-        print(f"resuming {args.out}: skipping the {done} pairs it was trained on", flush=True)
+        print(
+            f"resuming {args.out}: skipping the {done} pairs it was trained on",
+            flush=True,
+        )
         pairs = pairs[done:]
         model = CrossEncoder(str(args.out), device="cpu", local_files_only=True)
     else:
@@ -162,7 +242,13 @@ def main(argv: list[str] | None = None) -> int:
             for name in HF_FILES:
                 if (base / name).exists():
                     shutil.copy(base / name, Path(tmp) / name)
-            model = CrossEncoder(tmp, num_labels=1, max_length=args.max_length, device="cpu", local_files_only=True)
+            model = CrossEncoder(
+                tmp,
+                num_labels=1,
+                max_length=args.max_length,
+                device="cpu",
+                local_files_only=True,
+            )
     if args.freeze_layers:
         bert = model[0].model.base_model
         for p in bert.embeddings.parameters():
@@ -181,11 +267,14 @@ def main(argv: list[str] | None = None) -> int:
         def __init__(self) -> None:
             self.start = time.perf_counter()
 
-        def on_step_end(self, targs, state, control, **kw):  # noqa: ANN001
+        def on_step_end(self, targs, state, control, **kw):
             if time.perf_counter() - self.start > budget_s:
                 control.should_training_stop = True
             if state.global_step % 20 == 0:
-                print(f"  step {state.global_step}/{state.max_steps}, {time.perf_counter() - self.start:.0f}s", flush=True)
+                print(
+                    f"  step {state.global_step}/{state.max_steps}, {time.perf_counter() - self.start:.0f}s",
+                    flush=True,
+                )
             return control
 
     with tempfile.TemporaryDirectory() as work:
@@ -204,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
             dataloader_num_workers=0,
             disable_tqdm=True,
         )
-        trainer = CrossEncoderTrainer(model=model, args=targs, train_dataset=data, loss=loss, callbacks=[Budget()])
+        trainer = CrossEncoderTrainer(
+            model=model, args=targs, train_dataset=data, loss=loss, callbacks=[Budget()]
+        )
         t1 = time.perf_counter()
         out = trainer.train()
         train_s = time.perf_counter() - t1
@@ -226,9 +317,13 @@ def main(argv: list[str] | None = None) -> int:
         "mine_s": round(mine_s, 1),
         "args": {k: str(v) for k, v in vars(args).items()},
     }  # fmt: skip
-    (args.out / "ragops_training.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    (args.out / "ragops_training.json").write_text(
+        json.dumps(meta, indent=2) + "\n", encoding="utf-8"
+    )
     print(json.dumps(meta, indent=2))
-    print(f"saved the cross-encoder to {args.out}; use --set retrieval.rerank.model={args.out}")
+    print(
+        f"saved the cross-encoder to {args.out}; use --set retrieval.rerank.model={args.out}"
+    )
     return 0
 
 

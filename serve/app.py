@@ -43,8 +43,16 @@ def check_topology(settings: Settings) -> None:
     """Refuse deployment settings the vector store cannot support.
 
     Raises:
-        ConfigError: the embedded Edge store with more than one retriever replica.
+        ConfigError: the embedded Edge store with more than one retriever replica, or a GPU
+            reserved for a model configured to run on the CPU.
     """
+    for section, device in (("generator", settings.generator.device), ("embedder", settings.embedder.device)):
+        gpus = getattr(settings.serve, section).num_gpus
+        if gpus > 0 and device == "cpu":
+            raise ConfigError(
+                f"serve.{section}.num_gpus={gpus:g} reserves a GPU, but {section}.device is 'cpu': set "
+                f"--set {section}.device=auto (or cuda) so the model runs on it"
+            )
     auto = settings.serve.retriever.autoscaling
     if settings.vectorstore.backend == "edge" and (auto.max_replicas > 1 or auto.min_replicas > 1):
         raise ConfigError(

@@ -55,11 +55,30 @@ def preflight(settings: Settings) -> None:
             raise RagopsError(f"cannot bind {host}:{port} ({exc.strerror}); pick another --port") from None
 
 
-def _startup_error(exc: Exception) -> RagopsError:
-    """The user-facing line of a failed deployment (Ray's message embeds replica tracebacks)."""
-    text = str(exc)
+def _startup_error(exc: Exception, app_name: str) -> RagopsError:
+    """The user-facing line of a failed deployment.
+
+    Ray's exception only names the failed deployments; the replica's own error (a library
+    error with a complete message, or a traceback) is in the deployment status.
+    """
+    from ray import serve
+
+    texts = [str(exc)]
+    try:
+        app = serve.status().applications.get(app_name)
+        for name, dep in (app.deployments if app else {}).items():
+            if dep.message:
+                texts.append(f"{name}: {dep.message}")
+    except Exception:  # noqa: BLE001 - best effort: the exception's text is still there
+        pass
+    text = "\n".join(texts)
     found = re.findall(r"ragops\.(?:errors|serve\.errors)\.\w+: (.+)", text)
-    reason = found[-1].strip() if found else text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+    if found:
+        reason = found[-1].strip()
+    else:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception)\b", ln)]
+        reason = errors[-1] if errors else (lines[-1] if lines else type(exc).__name__)
     return RagopsError(f"the serve application failed to start: {reason}")
 
 
@@ -115,7 +134,7 @@ def serve_command(
             except RagopsError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a replica failed to start: one clear line
-                raise _startup_error(exc) from None
+                raise _startup_error(exc, APP_NAME) from None
         info = {"url": url, "app": APP_NAME, "auth": "api-keys" if keys.enabled else "none"}
         if as_json:
             emit_json(info)

@@ -53,6 +53,14 @@ def test_edge_store_allows_one_retriever_replica() -> None:
                                       "vectorstore.url=http://qdrant:6333"], environ={}))  # fmt: skip
 
 
+def test_gpu_reserved_for_a_cpu_model_is_refused() -> None:
+    from ragops.serve.app import check_topology
+
+    with pytest.raises(ConfigError, match="generator.device=auto"):
+        check_topology(load_settings([], ["serve.generator.num_gpus=0.5"], environ={}))
+    check_topology(load_settings([], ["serve.generator.num_gpus=0.5", "generator.device=auto"], environ={}))
+
+
 def test_build_app_refuses_unknown_arguments() -> None:
     from ragops.serve.app import build_app
 
