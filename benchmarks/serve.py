@@ -4,13 +4,17 @@ With the default models (``minilm-l6`` embedder, ``smollm2-135m-instruct`` gener
 sample corpus (``samples/docs``), it measures:
 
 1. ``POST /v1/search`` and ``POST /v1/chat/completions`` (``max_tokens`` 32, greedy,
-   non-streaming) at several numbers of concurrent clients: p50/p99 latency, requests/s and,
-   for chat, generated tokens/s. Each client sends its requests back to back.
+   non-streaming, ``min_tokens`` 32 so every answer has the same length) at several numbers of
+   concurrent clients: p50/p99 latency, requests/s and, for chat, generated tokens/s, plus the
+   CPU time the Serve processes spent (a measure that neighbours on a shared machine do not
+   inflate). Each client sends its requests back to back.
 2. The cost of serving: chat p50 through HTTP (one client) against the same pipeline called
    in-process (:meth:`RAGPipeline.ask`, same questions, k, options), in the same run. The
    in-process pipeline searches a copy of the index (an Edge shard can be open in one process
    only) and the two alternate question by question, so background load hits both alike.
-3. Dynamic batching: total tokens/s with 8 concurrent clients over tokens/s with one.
+3. Dynamic batching: total tokens/s with 8 concurrent clients over tokens/s with one, with the
+   default 5 passages (long prompts: prefill, which batching does not share, dominates) and
+   with one passage (short prompts: decoding dominates).
 4. Memory: resident set size of the Ray Serve processes (controller, proxy, replicas) summed,
    and their proportional set size (PSS, shared pages split between processes), with psutil.
 
@@ -259,9 +263,11 @@ def main() -> None:
             res = asyncio.run(load(url, "/v1/search", bodies, c, serve_processes()))
             results["search"].append(res)
             print("search", json.dumps(res), flush=True)
+        # Every answer is exactly max_tokens long (min_tokens), so tokens/s compare across runs.
+        fixed = {**gen, "min_tokens": args.max_tokens}
         for c in args.concurrency:
             n = max(8, c * args.chat_per_client)
-            bodies = [{"model": "ragops", "messages": [{"role": "user", "content": q}], **gen} for q in questions(n)]
+            bodies = [{"model": "ragops", "messages": [{"role": "user", "content": q}], **fixed} for q in questions(n)]
             res = asyncio.run(load(url, "/v1/chat/completions", bodies, c, serve_processes()))
             results["chat"].append(res)
             print("chat", json.dumps(res), flush=True)
@@ -269,6 +275,17 @@ def main() -> None:
         if 1 in by_c and 8 in by_c:
             results["batching_gain_8_vs_1"] = by_c[8]["tokens_per_s"] / by_c[1]["tokens_per_s"]
             results["batching_gain_per_cpu_8_vs_1"] = by_c[8]["tokens_per_cpu_s"] / by_c[1]["tokens_per_cpu_s"]
+        # The same with one passage: a short prompt, so decoding (what batching shares) dominates.
+        results["chat_k1"] = []
+        for c in (1, 8):
+            bodies = [{"model": "ragops", "messages": [{"role": "user", "content": q}], "rag": {"k": 1}, **fixed}
+                      for q in questions(max(8, c * args.chat_per_client))]  # fmt: skip
+            res = asyncio.run(load(url, "/v1/chat/completions", bodies, c, serve_processes()))
+            results["chat_k1"].append(res)
+            print("chat k=1", json.dumps(res), flush=True)
+        k1 = {r["clients"]: r for r in results["chat_k1"]}
+        results["batching_gain_k1_8_vs_1"] = k1[8]["tokens_per_s"] / k1[1]["tokens_per_s"]
+        results["batching_gain_k1_per_cpu_8_vs_1"] = k1[8]["tokens_per_cpu_s"] / k1[1]["tokens_per_cpu_s"]
 
         # 3. Memory of the Serve processes (models loaded, after load).
         results["memory"] = serve_memory()
@@ -293,15 +310,18 @@ def report(r: dict[str, Any]) -> None:
           f"request: HTTP {c['http_cpu_p50_s']:.3f}, in-process {c['inprocess_cpu_p50_s']:.3f}, ratio {c['cpu_ratio_p50']:.3f}")  # fmt: skip
     print("\n| endpoint | clients | requests | p50 (s) | p99 (s) | requests/s | tokens/s | Serve CPU s | tokens/CPU s | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name in ("search", "chat"):
-        for x in r[name]:
-            tps = f"{x['tokens_per_s']:.1f}" if name == "chat" else "-"
-            tpc = f"{x['tokens_per_cpu_s']:.1f}" if name == "chat" else "-"
+    for name in ("search", "chat", "chat_k1"):
+        for x in r.get(name, []):
+            tps = f"{x['tokens_per_s']:.1f}" if name != "search" else "-"
+            tpc = f"{x['tokens_per_cpu_s']:.1f}" if name != "search" else "-"
             print(f"| {name} | {x['clients']} | {x['requests']} | {x['p50_s']:.3f} | {x['p99_s']:.3f} | "
                   f"{x['requests_per_s']:.2f} | {tps} | {x['serve_cpu_s']:.1f} | {tpc} | {x['errors']} |")  # fmt: skip
     if "batching_gain_8_vs_1" in r:
-        print(f"\nbatching: 8 clients / 1 client: total tokens/s {r['batching_gain_8_vs_1']:.2f}x, "
+        print(f"\nbatching, k=5: 8 clients / 1 client: total tokens/s {r['batching_gain_8_vs_1']:.2f}x, "
               f"tokens per Serve CPU second {r['batching_gain_per_cpu_8_vs_1']:.2f}x")
+    if "batching_gain_k1_8_vs_1" in r:
+        print(f"batching, k=1: 8 clients / 1 client: total tokens/s {r['batching_gain_k1_8_vs_1']:.2f}x, "
+              f"tokens per Serve CPU second {r['batching_gain_k1_per_cpu_8_vs_1']:.2f}x")
     mem = r["memory"]
     print(f"\nRay Serve processes: RSS {mem['rss_total_mib']:.0f} MiB in total, PSS {mem['pss_total_mib']:.0f} MiB")
     for p in mem["processes"]:

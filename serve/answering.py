@@ -37,7 +37,7 @@ from ragops.serve.errors import APIError, from_ragops_error
 log = logging.getLogger(__name__)
 
 #: Generation options a request may set (the Generator's keyword names).
-GEN_OPTIONS = ("max_new_tokens", "temperature", "top_p", "stop", "seed")
+GEN_OPTIONS = ("max_new_tokens", "temperature", "top_p", "stop", "seed", "min_new_tokens")
 
 
 @dataclass

@@ -380,6 +380,8 @@ def create_app(ctx: IngressContext) -> FastAPI:
         limit = body.token_limit
         if limit is not None and limit > sc.max_tokens_limit:
             raise bad_request(f"'max_tokens' must be at most {sc.max_tokens_limit}", param="max_tokens")
+        if body.min_tokens is not None and body.min_tokens > min(limit or sc.max_tokens_limit, sc.max_tokens_limit):
+            raise bad_request("'min_tokens' exceeds the token limit of the answer", param="min_tokens")
         rag = body.rag
         params = {
             "k": _check_k(rag.k if rag else None, settings, "rag.k") or sc.default_k,
@@ -402,6 +404,7 @@ def create_app(ctx: IngressContext) -> FastAPI:
                 "top_p": body.top_p,
                 "stop": body.stop_list,
                 "seed": body.seed,
+                "min_new_tokens": body.min_tokens,
             },
         )
         record = {"request_id": rid, "question": question, "model": body.model, "rag": params}

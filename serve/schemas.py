@@ -119,6 +119,7 @@ class ChatCompletionRequest(_Request):
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    min_tokens: int | None = Field(None, ge=0, description="Extension (as in vLLM): no end-of-sequence before this many tokens.")
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     n: int | None = Field(None, ge=1)
@@ -163,6 +164,9 @@ class ChatCompletionRequest(_Request):
                 raise ValueError("'stop': stop sequences must not be empty")
         if self.max_tokens is not None and self.max_completion_tokens is not None and self.max_tokens != self.max_completion_tokens:
             raise ValueError("'max_tokens' and 'max_completion_tokens' disagree; send one")
+        limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        if self.min_tokens and limit is not None and self.min_tokens > limit:
+            raise ValueError("'min_tokens' must not exceed 'max_tokens'")
         if self.messages[-1].role != "user":
             raise ValueError("'messages': the last message must be the user's question")
         if not self.messages[-1].text.strip():

@@ -47,6 +47,7 @@ CHAT_FIELDS: dict[str, Any] = {
     "top_p": st.one_of(_NOT_NUMBER, st.just(0), st.floats(min_value=1.01, max_value=1e9)),
     "max_tokens": st.one_of(_NOT_NUMBER, st.integers(max_value=0), st.integers(min_value=65, max_value=10**30), st.just(1.5)),
     "n": st.integers(min_value=2, max_value=1000),
+    "min_tokens": st.one_of(st.integers(max_value=-1), st.just(1.5), st.text(max_size=3), st.integers(min_value=65, max_value=10**6)),
     "stream": _NOT_BOOL,
     "stop": st.one_of(st.integers(), st.lists(st.text(min_size=1, max_size=3), min_size=5, max_size=8), st.just([""])),
     "seed": st.one_of(st.text(max_size=4), st.just(1.5), st.integers(min_value=2**63)),
@@ -130,7 +131,7 @@ def malformed_request(draw: st.DrawFn) -> tuple[str, bytes, dict[str, str]]:
 _KNOWN = {
     "stream", "stream_options", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "n",
     "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "response_format", "user",
-    "store", "metadata", "parallel_tool_calls", "tools", "tool_choice", "functions", "function_call", "audio",
+    "store", "metadata", "parallel_tool_calls", "min_tokens", "tools", "tool_choice", "functions", "function_call", "audio",
     "prediction", "web_search_options", "rag", "k", "mode", "fusion", "filters", "score_threshold",
     "encoding_format", "dimensions", "input_type", "comment", "preferred_answer",
 }  # fmt: skip
