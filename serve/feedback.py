@@ -4,7 +4,9 @@ Two append-only JSONL files under ``<data_dir>/feedback/`` (``serve.feedback_dir
 
 * ``requests.jsonl``: one line per answered chat request, written when the answer is
   complete: ``{request_id, question, passages: [{n, doc_id, chunk_id, source, score, text}],
-  answer, model, citations, usage, finish_reason, created}``;
+  answer, model, requested_model, rag, citations, usage, finish_reason, reader, created}``,
+  where ``model`` is what answered (the registry artifact an alias pointed at, a configured
+  adapter's name, or the base model) and ``requested_model`` what the client asked for;
 * ``feedback.jsonl``: one line per feedback, joined with its request:
   ``{request_id, question, passages, answer, model, rating, comment, preferred_answer,
   created}`` (what the fine-tuning code reads; several feedbacks for one request are all

@@ -407,7 +407,10 @@ def create_app(ctx: IngressContext) -> FastAPI:
                 "min_new_tokens": body.min_tokens,
             },
         )
-        record = {"request_id": rid, "question": question, "model": body.model, "rag": params}
+        # `model` in the log is what answered (the artifact an alias pointed at, or the base
+        # model): feedback must stay attributable after an alias moves.
+        served = model_id or settings.generator.model
+        record = {"request_id": rid, "question": question, "model": served, "requested_model": body.model, "rag": params}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return await _stream(ctx, areq, model_id, deadline, rid, created, body.model, record, include_usage, id_headers)
@@ -501,7 +504,7 @@ async def _log_answer(ctx: IngressContext, record: dict[str, Any], answer: dict[
         "finish_reason": answer.get("finish_reason"),
         "reader": answer.get("reader"),
     }
-    ctx.metrics.observe_answer(record["model"], answer)
+    ctx.metrics.observe_answer(record["requested_model"], answer)
     try:
         await asyncio.to_thread(ctx.feedback.log_request, full)
     except OSError as exc:  # the answer is still good; feedback on it will 404

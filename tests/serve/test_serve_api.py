@@ -42,6 +42,7 @@ def test_openai_client_chat(oai: openai.OpenAI, served: Served) -> None:
     logged = [r for r in _feedback_lines(served, "requests.jsonl") if r["request_id"] == resp.id]
     assert logged and logged[-1]["answer"] == resp.choices[0].message.content
     assert logged[-1]["question"] == "What is MIG?" and logged[-1]["passages"]
+    assert logged[-1]["requested_model"] == "ragops" and logged[-1]["model"] == served.settings.generator.model
     assert set(logged[-1]["passages"][0]) == {"n", "doc_id", "chunk_id", "source", "score", "text"}
 
 
@@ -199,3 +200,6 @@ def test_registry_adapter_is_served_by_alias(api: httpx.Client, served: Served, 
     configured = api.post("/v1/chat/completions", json={**chat_body(max_tokens=8, rag=DENSE), "model": "tiny-lora"}).json()
     # The same adapter weights, reached through the registry: the same greedy answer.
     assert by_alias.json()["choices"][0]["message"]["content"] == configured["choices"][0]["message"]["content"]
+    # The log names the artifact that answered, so feedback stays attributable after the alias moves.
+    logged = [r for r in _feedback_lines(served, "requests.jsonl") if r["request_id"] == by_alias.json()["id"]]
+    assert logged[-1]["model"] == art.name and logged[-1]["requested_model"] == "serve-test"
