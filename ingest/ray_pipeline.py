@@ -52,7 +52,7 @@ def fit_actor_cpus(per_actor: float, actors: int, cluster_cpus: float) -> float:
     if per_actor * actors <= room:
         return per_actor
     fitted = max(0.1, room / actors)
-    log.warning(
+    log.info(
         "ingest.cpus_per_actor=%s x %s actors does not fit %s CPUs beside the load tasks; using %.2f per actor",
         per_actor, actors, cluster_cpus, fitted,
     )
