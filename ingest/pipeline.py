@@ -209,7 +209,6 @@ class IngestReport:
     points_written: int = 0
     incomplete: list[str] = field(default_factory=list)
     duration_s: float = 0.0
-    embed_s: float = 0.0
 
     @property
     def ok(self) -> bool:
