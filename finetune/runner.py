@@ -16,7 +16,6 @@ that appends per-step metrics to the run and tracks its latest checkpoint.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -188,16 +187,11 @@ def run_local(
         raise ConfigError("finetune.runner 'local' needs a local finetune.storage_path; use runner 'ray' for URIs")
     run_dir.mkdir(parents=True, exist_ok=True)
     _worker_setup(cpus)
-    # The driver has built datasets and settings; freezing what exists keeps the garbage
-    # collector from re-scanning it during every training step.
-    gc.collect()
-    gc.freeze()
     session = LocalSession(RunRecorder(store.uri, run_id), run_dir, num_to_keep, init_checkpoint)
     try:
         train_loop(config, session)
     finally:
         session.cleanup()
-        gc.unfreeze()
     if session.final_dir is None:
         raise RuntimeError("the train loop ended without reporting a final artifact")
     return RunOutcome(final_dir=session.final_dir, metrics=session.final_metrics)

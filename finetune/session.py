@@ -37,6 +37,11 @@ HF_CHECKPOINT_DIR = "checkpoint"
 _LOCAL_CKPT = re.compile(r"^checkpoint_\d{6}$")
 
 
+def scratch_root(run_id: str | None) -> Path:
+    """Local scratch folder of a run's workers on this node."""
+    return Path(tempfile.gettempdir()) / "ragops-train" / (run_id or "adhoc")
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory in MB (Linux reports KB)."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -67,10 +72,16 @@ class TrainSession(ABC):
 
     @property
     def scratch(self) -> Path:
-        """A fresh local folder for this attempt (the HF Trainer's output_dir)."""
+        """A fresh local folder for this attempt (the HF Trainer's output_dir).
+
+        It lives under ``<tmp>/ragops-train/<run_id>/``; folders this rank left behind in an
+        earlier attempt of the run (a worker that was killed never cleans up) are removed.
+        """
         if self._scratch is None:
-            root = Path(tempfile.gettempdir()) / "ragops-train"
+            root = scratch_root(getattr(self.recorder, "run_id", None))
             root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(f"rank{self.world_rank}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
             self._scratch = Path(tempfile.mkdtemp(dir=root, prefix=f"rank{self.world_rank}-{uuid.uuid4().hex[:6]}-"))
         return self._scratch
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -315,7 +316,10 @@ def train(
         if tail:
             tail.stop()
 
-    from ragops.finetune.session import ARTIFACT_DIR
+    from ragops.finetune.session import ARTIFACT_DIR, scratch_root
+
+    # Scratch folders of workers on this node (those of killed attempts included).
+    shutil.rmtree(scratch_root(rec.run_id), ignore_errors=True)
 
     metrics = outcome.metrics or {}
     metrics = {k: v for k, v in metrics.items() if k != "_type"}
