@@ -118,6 +118,7 @@ async def load(url: str, path: str, bodies: list[dict[str, Any]], clients: int, 
     tokens = 0
     errors = 0
     failed: dict[int, int] = {}
+    prompt_tokens: list[int] = []
     async with httpx.AsyncClient(base_url=url, timeout=1200) as http:
 
         async def client(mine: list[dict[str, Any]]) -> None:
@@ -130,7 +131,9 @@ async def load(url: str, path: str, bodies: list[dict[str, Any]], clients: int, 
                     errors += 1
                     failed[r.status_code] = failed.get(r.status_code, 0) + 1
                     continue
-                tokens += r.json().get("usage", {}).get("completion_tokens", 0)
+                usage = r.json().get("usage", {})
+                tokens += usage.get("completion_tokens", 0)
+                prompt_tokens.append(usage.get("prompt_tokens", 0))
 
         cpu0, started = cpu_seconds(procs), time.perf_counter()
         await asyncio.gather(*(client(bodies[i::clients]) for i in range(clients)))
@@ -145,6 +148,7 @@ async def load(url: str, path: str, bodies: list[dict[str, Any]], clients: int, 
         "p99_s": percentile(latencies, 99),
         "requests_per_s": len(bodies) / wall,
         "tokens": tokens,
+        "prompt_tokens_p50": statistics.median(prompt_tokens) if prompt_tokens else 0,
         "tokens_per_s": tokens / wall,
         "wall_s": wall,
         "serve_cpu_s": cpu,

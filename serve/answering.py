@@ -158,7 +158,8 @@ def answer_batch(generator: Generator, settings: Settings, requests: Sequence[An
     """Answer several requests; stuff-reader requests with equal options share one batch.
 
     Returns:
-        One dict per request, in order: an answer (see :func:`answer_dict`) or ``{"error": ...}``.
+        One dict per request, in order: an answer (see :func:`answer_dict`, plus ``batch_size``:
+        how many answers were decoded together) or ``{"error": ...}``.
     """
     results: list[dict[str, Any] | None] = [None] * len(requests)
     groups: dict[str, list[tuple[int, DeferredGenerator, AnswerStream]]] = {}
@@ -179,12 +180,12 @@ def answer_batch(generator: Generator, settings: Settings, requests: Sequence[An
             for i, _, _ in members:
                 results[i] = error_dict(exc)
             continue
-        for (i, deferred, stream), output in zip(members, outputs):
+        for (i, deferred, stream), output in zip(members, outputs, strict=True):
             deferred.result = output
             try:
                 for _ in stream:
                     pass
-                results[i] = answer_dict(stream)
+                results[i] = {**answer_dict(stream), "batch_size": len(members)}
             except Exception as exc:  # noqa: BLE001
                 results[i] = error_dict(exc)
     return [r if r is not None else error_dict(RuntimeError("no result")) for r in results]
@@ -194,4 +195,4 @@ def _answer_alone(generator: Generator, settings: Settings, req: AnswerRequest) 
     stream = start_answer(generator, settings, req)
     for _ in stream:
         pass
-    return answer_dict(stream)
+    return {**answer_dict(stream), "batch_size": 1}

@@ -133,7 +133,13 @@ class GeneratorSettings(DeploymentSettings):
         2, ge=1, description="torch intra-op threads per replica (decoding is the only busy work while serving)."
     )
     max_batch_size: int = Field(8, ge=1, description="Non-streaming answers decoded together (@serve.batch).")
-    batch_wait_timeout_s: float = Field(0.02, ge=0, description="How long a batch waits to fill.")
+    batch_wait_timeout_s: float = Field(
+        0.1,
+        ge=0,
+        description="How long a batch waits to fill when the model is idle (concurrent requests reach the "
+        "generator spread over their retrieval; streamed answers never wait). While a batch runs, new requests "
+        "queue and join the next one without this wait.",
+    )
     max_adapters_per_replica: int = Field(2, ge=1, description="LoRA adapters kept loaded per replica (LRU).")
     adapters: dict[str, str] = Field(
         default_factory=dict,

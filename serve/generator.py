@@ -2,7 +2,10 @@
 
 * Non-streaming answers go through ``@serve.batch``: concurrent requests are answered by one
   :meth:`Generator.generate_batch` call (see :mod:`ragops.serve.answering`). Ray Serve splits
-  a batch by multiplexed model id, so a batch never mixes adapters.
+  a batch by multiplexed model id, so a batch never mixes adapters. The batch handler passes
+  its requests to a :class:`~ragops.serve.scheduler.BatchScheduler`, so that requests arriving
+  while a batch runs are decoded together in the next one instead of in a string of small
+  batches (Ray Serve forms batches eagerly; see that module).
 * Streaming answers run the reader's stream; every decoding step is one task on the replica's
   single model thread, so concurrent streams (and batches) interleave token by token instead
   of waiting for each other to finish.
@@ -30,6 +33,7 @@ from ragops.retrieval.generation import Generator
 from ragops.serve.answering import AnswerRequest, answer_batch, answer_dict, error_dict, start_answer
 from ragops.serve.models import BASE, ModelCatalog
 from ragops.serve.replica import replica_settings
+from ragops.serve.scheduler import BatchScheduler
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,7 @@ class GeneratorDeployment:
         self._hold_file = cfg.test_hold_file
         self._answer_batch.set_max_batch_size(cfg.max_batch_size)
         self._answer_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._scheduler: BatchScheduler[AnswerRequest] = BatchScheduler(self._run_batch, cfg.max_batch_size)
 
         async def load_adapter_generator(model_id: str) -> Generator:
             return await self._load(model_id)
@@ -84,12 +89,18 @@ class GeneratorDeployment:
     async def answer(self, request: AnswerRequest) -> dict[str, Any]:
         """A whole answer (``Answer.to_dict(with_passages=True)``) or ``{"error": ...}``; batched."""
         await self._hold()
-        return await self._answer_batch(request)
+        result = await self._answer_batch(request)
+        return await result  # the scheduler's future for this request
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _answer_batch(self, requests: list[AnswerRequest]) -> list[dict[str, Any]]:
+    async def _answer_batch(self, requests: list[AnswerRequest]) -> list[asyncio.Future]:
+        # Collects concurrent requests (Ray Serve splits batches by multiplexed model id) and
+        # hands them to the scheduler, which merges whatever waits when the model is free.
+        return self._scheduler.submit(serve.get_multiplexed_model_id(), requests)
+
+    async def _run_batch(self, model_id: str, requests: list[AnswerRequest]) -> list[dict[str, Any]]:
         try:
-            gen = await self._generator()
+            gen = self.base if model_id == BASE else await self._adapter(model_id)
         except Exception as exc:  # noqa: BLE001 - e.g. an adapter that does not load: each caller's error
             return [error_dict(exc)] * len(requests)
         return await self._run(answer_batch, gen, self.settings, requests)

@@ -3,7 +3,9 @@
 Endpoints (``/v1/*`` need an API key when keys are configured; ``/v1/admin/*`` an admin key):
 
 * ``POST /v1/chat/completions``: OpenAI chat completions, whole or streamed (SSE), answered
-  from retrieved passages with ``citations``; ``rag`` tunes retrieval.
+  from retrieved passages with ``citations``. Extensions: ``rag`` (``k``, ``mode``,
+  ``reader``, ``filters``) tunes retrieval, ``min_tokens`` (as in vLLM) delays end-of-sequence;
+  the response's ``ragops`` object carries timings, the reader and the batch size.
 * ``POST /v1/search``: retrieval only, hits as ``ragops search --json`` prints them.
 * ``POST /v1/embeddings``: OpenAI embeddings (``float`` or ``base64``).
 * ``GET /v1/models``: base model, adapters, embedding model.

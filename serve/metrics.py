@@ -69,6 +69,10 @@ class ServeMetrics:
             "ragops_generation_duration_seconds", "Generator time per answer.", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.feedback = Counter("ragops_feedback", "Feedback received by rating.", ["rating"], registry=r)
+        self.batch_size = Histogram(
+            "ragops_generator_batch_size", "Answers decoded together in one generator batch (whole answers).",
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), registry=r,
+        )  # fmt: skip
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""
@@ -84,3 +88,5 @@ class ServeMetrics:
             self.ttft_seconds.observe(float(t["time_to_first_token_s"]))
         if "generate_s" in t:
             self.generation_seconds.observe(float(t["generate_s"]))
+        if "batch_size" in answer:
+            self.batch_size.observe(int(answer["batch_size"]))

@@ -2,7 +2,8 @@
 
 Extensions ride along as extra top-level fields, which OpenAI clients keep and ignore:
 ``citations`` (``[{n, doc_id, chunk_id, source, score}]``) on the completion and on the last
-streamed chunk, and ``ragops`` (timings, reader, whether the query was truncated).
+streamed chunk, and ``ragops`` (timings, reader, whether the query was truncated, and for whole
+answers the size of the batch they were decoded in).
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def _extension(answer: dict[str, Any]) -> dict[str, Any]:
-    return {
+    ext = {
         "timings": answer.get("timings", {}),
         "reader": answer.get("reader"),
         "query_truncated": bool(answer.get("query_truncated", False)),
     }
+    if "batch_size" in answer:  # whole answers: how many were decoded in the same batch
+        ext["batch_size"] = answer["batch_size"]
+    return ext
 
 
 def chat_completion(request_id: str, model: str, created: int, answer: dict[str, Any]) -> dict[str, Any]:

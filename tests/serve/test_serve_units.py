@@ -210,3 +210,33 @@ def test_one_bad_request_does_not_fail_its_batch(answering) -> None:
     assert "answer" in out[0] and out[3]["reader"] == "fid" and out[3]["citations"]
     assert out[1]["error"]["status"] == 400 and "unknown reader" in out[1]["error"]["message"]
     assert out[2]["error"]["status"] == 400
+
+
+# -- continuous batching ----------------------------------------------------------------------
+
+
+def test_scheduler_merges_requests_that_arrive_while_a_batch_runs() -> None:
+    import asyncio
+
+    from ragops.serve.scheduler import BatchScheduler
+
+    batches: list[tuple[str, list[int]]] = []
+
+    async def run_batch(model_id: str, reqs: list[int]) -> list[int]:
+        batches.append((model_id, list(reqs)))
+        await asyncio.sleep(0.05)  # the model is busy: later requests queue up
+        return [r * 10 for r in reqs]
+
+    async def scenario() -> list:
+        sched: BatchScheduler[int] = BatchScheduler(run_batch, max_batch_size=4)
+        first = sched.submit("", [1])
+        await asyncio.sleep(0.01)  # the first batch is running now
+        later = [sched.submit("", [i]) for i in range(2, 8)] + [sched.submit("lora", [100])]
+        gone = sched.submit("", [99])
+        gone[0].cancel()  # its caller gave up before the batch started
+        results = await asyncio.gather(*first, *(f for fs in later for f in fs))
+        return results
+
+    results = asyncio.run(scenario())
+    assert results == [10, 20, 30, 40, 50, 60, 70, 1000]
+    assert batches == [("", [1]), ("", [2, 3, 4, 5]), ("", [6, 7]), ("lora", [100])]
