@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -244,24 +245,13 @@ def search(
         raise typer.Exit(EXIT_TRUNCATED)
 
 
-def _apply_model(overrides: list[str], model: str | None) -> list[str]:
-    """``--model``: a base generator (registry name/path) or a trained adapter (name/alias)."""
+def _with_model(settings: Any, model: str | None) -> Any:
+    """``--model``: a base generator (registry name/path) or a trained adapter (name/alias/path)."""
     if not model:
-        return overrides
-    from ragops.model_registry import BUILTIN_MODELS
+        return settings
+    from ragops.artifacts import apply_model
 
-    if any(model == m.name for m in BUILTIN_MODELS) or Path(model).joinpath("config.json").exists():
-        return overrides + [f"generator.model={model}"]
-    try:
-        from ragops.artifacts import adapter_base  # the fine-tuning registry
-    except ImportError:  # pragma: no cover - registry not installed
-        adapter_base = None  # type: ignore[assignment]
-    extra = [f"generator.adapter={model}"]
-    if adapter_base is not None:
-        base = adapter_base(model)
-        if base:
-            extra.append(f"generator.model={base}")
-    return overrides + extra
+    return apply_model(settings, model)
 
 
 @app.command()
@@ -290,9 +280,9 @@ def ask(
     """
     from ragops.retrieval.rag import RAGPipeline
 
-    settings = settings_from(config, _apply_model(list(set_ or []), model), data_dir)
+    settings = _with_model(settings_from(config, set_, data_dir), model)
     with RAGPipeline(settings, collection=collection) as rag:
-        with err.status("loading models and retrieving…", spinner="dots") if not as_json else _null():
+        with err.status("loading models and retrieving…", spinner="dots") if not as_json else nullcontext():
             answer_stream = rag.ask_stream(question, k=k, mode=mode, reader=reader, filters=filter_ or None,
                                            max_new_tokens=max_tokens, temperature=temperature)  # fmt: skip
             first = next(answer_stream, None)
@@ -323,14 +313,6 @@ def ask(
     _warn_truncated(answer.query_truncated)
     if answer.query_truncated:
         raise typer.Exit(EXIT_TRUNCATED)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # -- eval --------------------------------------------------------------------------------
@@ -400,7 +382,7 @@ def eval_answers(
     from ragops.retrieval.rag import RAGPipeline
     from rich.progress import Progress
 
-    settings = settings_from(config, _apply_model(list(set_ or []), model), data_dir)
+    settings = _with_model(settings_from(config, set_, data_dir), model)
     with RAGPipeline(settings, collection=collection) as rag, Progress(console=err, transient=True) as bar:
         task = bar.add_task("answering", total=None)
         report = evaluate_answers(rag, data, k=k, mode=mode, reader=reader, max_new_tokens=max_tokens,

@@ -43,7 +43,7 @@ Outputs (``--out``, default ``benchmarks/out/pydocs``)::
 Usage::
 
     python benchmarks/build_pydocs_benchmark.py                      # Debian's default path
-    python benchmarks/build_pydocs_benchmark.py /path/to/python/html --out /tmp/pydocs
+    python benchmarks/build_pydocs_benchmark.py python-3.11-docs/html --out benchmarks/out/pydocs
 """
 
 from __future__ import annotations

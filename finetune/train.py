@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 TrainKind = Literal["sft", "reward"]
 Progress = Callable[[dict[str, Any]], None]
-#: Chaos drill: ``RAGOPS_TRAIN_FAULT="step=3,rank=1,marker=/tmp/killed"`` kills that worker once.
+#: Chaos drill: ``RAGOPS_TRAIN_FAULT="step=3,rank=1,marker=.ragops/killed"`` kills that worker once.
 FAULT_ENV = "RAGOPS_TRAIN_FAULT"
 
 

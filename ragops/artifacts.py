@@ -690,6 +690,7 @@ def adapter_base(ref: str, *, registry: Registry | Settings | str | Path | None 
 def apply_model(settings: Settings, ref: str) -> Settings:
     """Settings whose generator runs artifact ``ref``: its base model plus its adapter folder.
 
+    A built-in generator name or a full local model folder switches the base model instead.
     This is how ``ragops ask --model NAME`` (and serving) should switch models: the base is
     *switched* to the artifact's base, because an adapter merged into another base either
     fails on shapes or silently produces garbage. A local adapter path is applied as is.
@@ -697,7 +698,13 @@ def apply_model(settings: Settings, ref: str) -> Settings:
     Raises:
         ModelNotFoundError: unknown name or alias, or a reward artifact.
     """
+    from ragops.model_registry import BUILTIN_MODELS
+
     path = Path(ref).expanduser()
+    if any(ref == m.name for m in BUILTIN_MODELS if m.kind == "generator") or (path / "config.json").exists():
+        # A base model (registry name or a full local model folder), not an adapter.
+        gen = settings.generator.model_copy(update={"model": ref, "adapter": None})
+        return settings.model_copy(update={"generator": gen})
     if path.exists():
         gen = settings.generator.model_copy(update={"adapter": str(path)})
         return settings.model_copy(update={"generator": gen})

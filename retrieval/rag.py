@@ -24,6 +24,20 @@ from ragops.errors import InputError
 READERS = ("stuff", "fid")
 
 
+def reader_for(settings: Settings, generator: Any, name: str | None = None) -> Any:
+    """The reader ``name`` (default: ``generator.reader`` from config) over ``generator``, checked.
+
+    Shared by the CLI pipeline and the serving layer so both validate and size readers alike.
+
+    Raises:
+        InputError: an unknown reader name.
+    """
+    name = name or settings.generator.reader
+    if name not in READERS:
+        raise InputError(f"unknown reader '{name}'; allowed: {', '.join(READERS)}")
+    return get_reader(name, generator, context_tokens=settings.generator.context_tokens)
+
+
 @dataclass
 class Answer:
     """A cited answer with what it was built from.
@@ -182,10 +196,7 @@ class RAGPipeline:
         return result, passages
 
     def _reader(self, reader: str | None) -> Any:
-        name = reader or self.settings.generator.reader
-        if name not in READERS:
-            raise InputError(f"unknown reader '{name}'; allowed: {', '.join(READERS)}")
-        return get_reader(name, self.generator, context_tokens=self.settings.generator.context_tokens)
+        return reader_for(self.settings, self.generator, reader)
 
     # -- answering -----------------------------------------------------------------------
     def ask(self, question: str, *, k: int | None = None, mode: str | None = None, reader: str | None = None,

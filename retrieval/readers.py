@@ -54,6 +54,7 @@ cites passages in decreasing posterior until ``cite_mass`` (0.9) of it is covere
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 import math
 import time
 from collections.abc import Generator as PyGenerator
@@ -130,7 +131,9 @@ class Reader(Protocol):
     def stream(self, question: str, passages: Iterable[Passage | str], **gen_kwargs: Any) -> ResultStream[ReaderResult]: ...
 
 
-class _BaseReader:
+class _BaseReader(ABC):
+    """The shared read/stream flow; subclasses fit passages, generate and attribute citations."""
+
     name = ""
 
     def __init__(self, generator: Generator, *, context_tokens: int | None = None) -> None:
@@ -184,17 +187,20 @@ class _BaseReader:
         return ResultStream(run())
 
     # Subclasses: the prompt(s) and the citations.
+    @abstractmethod
     def _generate(self, question: str, passages: list[Passage], gen_kwargs: dict[str, Any]) -> ResultStream[GenerationResult]:
-        raise NotImplementedError
+        """Start generation for ``question`` over the fitted ``passages`` (a result stream)."""
 
+    @abstractmethod
     def _cite(self, res: GenerationResult, passages: list[Passage]) -> tuple[list[int], list[float] | None]:
-        raise NotImplementedError
+        """Citation numbers for the finished answer, and per-passage attribution scores if any."""
 
     def _budget(self) -> int:
         return self.context_tokens if self.context_tokens is not None else self.generator.cfg.context_tokens
 
+    @abstractmethod
     def _fit(self, passages: list[Passage]) -> list[Passage]:
-        raise NotImplementedError
+        """The passages cut to this reader's token budget, best first."""
 
     def _shorten(self, passage: Passage, max_tokens: int) -> Passage | None:
         """The passage cut to ``max_tokens`` prompt tokens (header included); None if too short."""

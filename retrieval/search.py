@@ -187,7 +187,7 @@ class SearchFilters:
         tag: Tags; a chunk matches when its ``tags`` contain one of them.
         source: Globs (``fnmatch``, case-sensitive) over the stored ``source`` values; a
             relative pattern also matches at any directory depth (``docs/*.md`` matches
-            ``/home/me/docs/a.md``).
+            ``s3://bucket/docs/a.md``).
         metadata: ``field → values``, matched on ``metadata.<field>`` (dotted for nested
             fields: ``front_matter.team``).
     """

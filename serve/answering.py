@@ -1,7 +1,7 @@
 """Answering on a generator replica, without Ray: context → reader → (batched) generation.
 
 The generator deployment calls these functions; they compose the retrieval stages' own code
-(:func:`~ragops.retrieval.context.assemble_context`, :func:`~ragops.retrieval.readers.get_reader`,
+(:func:`~ragops.retrieval.context.assemble_context`, :func:`~ragops.retrieval.rag.reader_for`,
 :class:`~ragops.retrieval.rag.AnswerStream`) exactly as :class:`~ragops.retrieval.rag.RAGPipeline`
 does, so a served answer equals ``ragops ask`` on the same passages.
 
@@ -26,11 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ragops.config import Settings
-from ragops.errors import InputError
 from ragops.retrieval.context import assemble_context
 from ragops.retrieval.generation import GenerationResult, Generator, ResultStream
-from ragops.retrieval.rag import READERS, AnswerStream
-from ragops.retrieval.readers import get_reader
+from ragops.retrieval.rag import AnswerStream, reader_for
 from ragops.retrieval.search import SearchResult
 from ragops.serve.errors import APIError, from_ragops_error
 
@@ -108,14 +106,6 @@ class DeferredGenerator:
         raise NotImplementedError("fused decoding is not batched across requests")
 
 
-def reader_name(settings: Settings, reader: str | None) -> str:
-    """The reader a request uses, checked."""
-    name = reader or settings.generator.reader
-    if name not in READERS:
-        raise InputError(f"unknown reader '{name}'; allowed: {', '.join(READERS)}")
-    return name
-
-
 def start_answer(generator: Any, settings: Settings, req: AnswerRequest) -> AnswerStream:
     """Assemble the passages and start the reader: an answer stream (deltas, then ``.answer``).
 
@@ -123,9 +113,8 @@ def start_answer(generator: Any, settings: Settings, req: AnswerRequest) -> Answ
     the first ``next()``; errors in the prompt or the options raise here.
     """
     started = time.perf_counter()
-    name = reader_name(settings, req.reader)
+    reader = reader_for(settings, generator, req.reader)  # validate before any work
     passages = assemble_context(req.search.hits, store=None, settings=settings, count_tokens=generator.count_tokens)
-    reader = get_reader(name, generator, context_tokens=settings.generator.context_tokens)
     return AnswerStream(req.question, req.search, reader.stream(req.question, passages, **req.options()), started)
 
 
@@ -165,7 +154,8 @@ def answer_batch(generator: Generator, settings: Settings, requests: Sequence[An
     groups: dict[str, list[tuple[int, DeferredGenerator, AnswerStream]]] = {}
     for i, req in enumerate(requests):
         try:
-            if reader_name(settings, req.reader) != "stuff":
+            # Only the stuff reader batches; others (and unknown names: start_answer rejects them) run alone.
+            if (req.reader or settings.generator.reader) != "stuff":
                 results[i] = _answer_alone(generator, settings, req)
                 continue
             deferred = DeferredGenerator(generator)

@@ -170,7 +170,7 @@ def head_processes(head: HeadInfo) -> list[Any]:
 
 
 def _names_dir(arg: str, temp_dir: str) -> bool:
-    # Exact path or a path below it: "/tmp/x-8265" must not match "/tmp/x-82651".
+    # Exact path or a path below it: "runs/x-8265" must not match "runs/x-82651".
     return arg == temp_dir or arg.endswith("=" + temp_dir) or (temp_dir + "/") in arg
 
 

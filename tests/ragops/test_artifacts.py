@@ -26,7 +26,7 @@ def fake_adapter(folder: Path, value: float = 0.0) -> Path:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "base_model_name_or_path": "/tmp/x"}))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "base_model_name_or_path": "tiny-base"}))
     save_file({"w": torch.full((2, 2), value)}, str(folder / "adapter_model.safetensors"))
     (folder / "optimizer.pt").write_bytes(b"pickle")
     (folder / "training_args.bin").write_bytes(b"pickle")
@@ -133,6 +133,12 @@ def test_adapter_resolution_and_apply_model(tmp_path: Path, monkeypatch: pytest.
     local = apply_model(settings, str(tmp_path / "a"))
     assert local.generator.adapter == str(tmp_path / "a") and local.generator.model == settings.generator.model
     assert r.task == "seq-cls"
+    # A base model (built-in name or a full model folder) replaces the base and drops the adapter.
+    base = apply_model(applied, "smollm2-135m-instruct")
+    assert base.generator.model == "smollm2-135m-instruct" and base.generator.adapter is None
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "config.json").write_text("{}")
+    assert apply_model(applied, str(tmp_path / "full")).generator.model == str(tmp_path / "full")
 
 
 def test_remote_storage_through_pyarrow(tmp_path: Path) -> None:

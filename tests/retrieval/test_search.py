@@ -216,12 +216,12 @@ def test_filter_parsing() -> None:
 
 
 def test_source_glob_rules() -> None:
-    assert source_matches("/home/me/docs/a.md", "*.md")
-    assert source_matches("/home/me/docs/a.md", "docs/*.md")
-    assert source_matches("/home/me/docs/a.md", "a.md")
-    assert not source_matches("/home/me/docs/ba.md", "a.md")  # anchored at a directory boundary
+    assert source_matches("s3://bucket/docs/a.md", "*.md")
+    assert source_matches("s3://bucket/docs/a.md", "docs/*.md")
+    assert source_matches("s3://bucket/docs/a.md", "a.md")
+    assert not source_matches("s3://bucket/docs/ba.md", "a.md")  # anchored at a directory boundary
     assert source_matches("s3://bucket/docs/a.md", "s3://bucket/*")
-    assert not source_matches("/home/me/docs/a.MD", "*.md")  # case-sensitive
+    assert not source_matches("s3://bucket/docs/a.MD", "*.md")  # case-sensitive
 
 
 # ---------------------------------------------------------------------------------------
