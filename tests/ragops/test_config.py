@@ -103,3 +103,16 @@ def test_fingerprint_changes_with_settings() -> None:
     b = load_settings([], ["ingest.chunker.chunk_tokens=300"], environ={})
     assert a.fingerprint("ingest") != b.fingerprint("ingest")
     assert a.fingerprint("embedder") == b.fingerprint("embedder")
+
+
+def test_default_yaml_spells_out_every_default() -> None:
+    """configs/default.yaml is the defaults, complete and current (regenerate: see message)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("write_default_config", REPO_CONFIGS.parent / "scripts" / "write_default_config.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shipped = (REPO_CONFIGS / "default.yaml").read_text()
+    assert shipped == module.render(), "configs/default.yaml is stale: run `python scripts/write_default_config.py`"
+    assert read_yaml(REPO_CONFIGS / "default.yaml") == Settings().model_dump(mode="json")
