@@ -323,8 +323,8 @@ app.add_typer(eval_app, name="eval")
 @eval_app.command("retrieval")
 @handle_errors
 def eval_retrieval(
-    queries: Annotated[Path, typer.Option("--queries", help='JSONL: {"qid", "query"} per line.')],
-    qrels: Annotated[Path, typer.Option("--qrels", help='JSONL: {"qid", "doc_id"} per line.')],
+    queries: Annotated[str, typer.Option("--queries", help='JSONL (path or URI): {"qid", "query"} per line.')],
+    qrels: Annotated[str, typer.Option("--qrels", help='JSONL (path or URI): {"qid", "doc_id"} per line.')],
     k: Annotated[int, typer.Option("--k", min=1, max=1000, help="Cut-off for the metrics' ranking.")] = 10,
     mode: Annotated[
         Optional[list[str]], typer.Option("--mode", help="dense | sparse | hybrid; repeat to compare (default: all three).")
@@ -361,8 +361,18 @@ def eval_retrieval(
 @eval_app.command("answers")
 @handle_errors
 def eval_answers(
-    data: Annotated[Path, typer.Option("--data", help='JSONL: {"question", "answers": [...], "gold_doc_ids": [...]}.')],
+    data: Annotated[
+        str, typer.Option("--data", help='JSONL (path or URI): {"question", "answers": [...], "gold_doc_ids": [...]}.')
+    ],
     model: Annotated[Optional[str], typer.Option("--model", help="Generator or trained adapter/alias to evaluate.")] = None,
+    baseline: Annotated[
+        Optional[str],
+        typer.Option(
+            "--baseline",
+            help="Also evaluate this model on the same questions and print both side by side (before/after): "
+            "a generator, an adapter/alias, or 'base' for --model's base without its adapter.",
+        ),
+    ] = None,
     k: Annotated[int, typer.Option("--k", min=1, max=100, help="Passages retrieved per question.")] = 5,
     mode: ModeOpt = None,
     reader: Annotated[Optional[str], typer.Option("--reader", help="stuff | fid.")] = None,
@@ -375,39 +385,92 @@ def eval_answers(
 ) -> None:
     """Exact match, token F1, answer-contains and citation precision of generated answers.
 
-    With --model NAME of a trained artifact, the metrics are also recorded on the artifact so
-    `ragops models promote --require-metric` can gate on them.
+    When --model (or --baseline) names a trained artifact, its metrics are recorded on the
+    artifact (token F1 as `answer_f1`), so `ragops models promote --require-metric answer_f1`
+    can gate on them. With --baseline, both models answer the same questions with the same
+    retrieval and the table shows before, after and the change.
     """
+    settings = settings_from(config, set_, data_dir)
+    runs: list[tuple[str, Any]] = []  # (label, settings), baseline first
+    target = _with_model(settings, model)
+    if baseline:
+        if baseline == "base":
+            gen = target.generator.model_copy(update={"adapter": None})
+            runs.append(("base", target.model_copy(update={"generator": gen})))
+        else:
+            runs.append((baseline, _with_model(settings, baseline)))
+    runs.append((model or target.generator.model, target))
+    refs = {runs[-1][0]: model, **({runs[0][0]: baseline} if baseline else {})}
+
+    reports: list[dict[str, Any]] = []
+    for label, run_settings in runs:
+        report = _answer_report(run_settings, data, label=label, k=k, mode=mode, reader=reader, max_tokens=max_tokens,
+                                collection=collection)  # fmt: skip
+        report["model"] = label
+        report["recorded_on"] = _record_eval(run_settings, refs.get(label), report)
+        reports.append(report)
+    after = reports[-1]
+    if as_json:
+        if baseline:
+            delta = {m: _delta(reports[0][m], after[m]) for m in ANSWER_METRICS}
+            emit_json({**after, "baseline": reports[0], "delta": delta})
+        else:
+            emit_json(after)
+        return
+    columns = [r["model"] for r in reports] + (["change"] if baseline else [])
+    table = Table("metric", *columns, title=f"{after['questions']} questions")
+    for key in ANSWER_METRICS:
+        cells = ["n/a" if r[key] is None else f"{r[key]:.3f}" for r in reports]
+        if baseline:
+            d = _delta(reports[0][key], after[key])
+            cells.append("n/a" if d is None else f"{d:+.3f}")
+        table.add_row(key, *cells)
+    out.print(table)
+    for r in reports:
+        if r["recorded_on"]:
+            err.print(f"recorded on artifact {r['recorded_on']}")
+
+
+#: The answer metrics `eval answers` reports, in table order.
+ANSWER_METRICS = ("exact_match", "token_f1", "answer_contains", "citation_precision")
+
+
+def _answer_report(settings: Any, data: str, *, label: str, collection: str | None, **ask: Any) -> dict[str, Any]:
+    """Run the answers evaluation of one model (a progress bar on stderr)."""
     from ragops.retrieval.evaluate import evaluate_answers
     from ragops.retrieval.rag import RAGPipeline
     from rich.progress import Progress
 
-    settings = _with_model(settings_from(config, set_, data_dir), model)
+    max_tokens = ask.pop("max_tokens")
     with RAGPipeline(settings, collection=collection) as rag, Progress(console=err, transient=True) as bar:
-        task = bar.add_task("answering", total=None)
-        report = evaluate_answers(rag, data, k=k, mode=mode, reader=reader, max_new_tokens=max_tokens,
-                                  progress=lambda d, t: bar.update(task, completed=d, total=t))  # fmt: skip
-    recorded = _record_eval(model, report)
-    if as_json:
-        emit_json({**report, "model": model or settings.generator.model, "recorded_on": recorded})
-        return
-    table = Table("metric", "value", title=f"{report['questions']} questions")
-    for key in ("exact_match", "token_f1", "answer_contains", "citation_precision"):
-        v = report[key]
-        table.add_row(key, "n/a" if v is None else f"{v:.3f}")
-    out.print(table)
+        task = bar.add_task(f"answering ({label})", total=None)
+        return evaluate_answers(rag, data, max_new_tokens=max_tokens,
+                                progress=lambda d, t: bar.update(task, completed=d, total=t), **ask)  # fmt: skip
 
 
-def _record_eval(model: str | None, report: dict[str, Any]) -> str | None:
-    """Attach answer metrics to a trained artifact (for promotion gates), when it is one."""
-    if not model:
+def _delta(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else after - before
+
+
+def _record_eval(settings: Any, ref: str | None, report: dict[str, Any]) -> str | None:
+    """Attach answer metrics to ``ref`` when it is a registry artifact; its name, else None.
+
+    Base models and local folders are evaluated but have nowhere to record to. Token F1 is
+    recorded as ``answer_f1``, the name promotion gates use for answer quality.
+    """
+    if not ref:
         return None
-    try:
-        from ragops.artifacts import record_eval
-    except ImportError:  # pragma: no cover
+    from ragops.artifacts import Registry, looks_like_ref
+    from ragops.model_registry import BUILTIN_MODELS
+
+    if not looks_like_ref(ref) or any(ref == m.name for m in BUILTIN_MODELS):
         return None
-    metrics = {k: report[k] for k in ("exact_match", "token_f1", "answer_contains", "citation_precision") if report[k] is not None}
-    return record_eval(model, metrics)
+    registry = Registry.from_settings(settings)
+    if not registry.has(ref):
+        return None
+    names = {"token_f1": "answer_f1"}
+    metrics = {names.get(k, k): report[k] for k in ANSWER_METRICS if report[k] is not None}
+    return registry.record_eval(ref, metrics).name
 
 
 # -- config ------------------------------------------------------------------------------

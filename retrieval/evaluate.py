@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ragops.errors import InputError
+from ragops.uris import read_text
 from ragops.retrieval.metrics import dedupe_doc_ranking, evaluate_rankings
 from ragops.retrieval.search import MODES, Retriever
 
@@ -56,13 +57,8 @@ def read_jsonl(path: str | Path, required_fields: Iterable[str] = ()) -> list[di
 
 def _numbered(path: str | Path, required_fields: Iterable[str] = ()) -> list[tuple[int, dict[str, Any]]]:
     """:func:`read_jsonl` with each object's 1-based line number (for later error messages)."""
-    p = Path(path)
-    try:
-        raw = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{p}: file not found") from None
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    p = str(path)
+    raw = read_text(path)  # a local path or a URI (eval runs as a cluster job too)
     required = list(required_fields)
     out: list[tuple[int, dict[str, Any]]] = []
     for lineno, line in enumerate(raw.splitlines(), start=1):

@@ -79,6 +79,66 @@ def test_ingest_stats_reingest_search_ask_eval(cli, sample_docs: Path) -> None:
     assert ev["modes"]["sparse"]["recall@10"] > 0.5  # BM25 alone is strong on this corpus
 
 
+def _tiny_adapter(base_dir: Path, out: Path) -> Path:
+    """A LoRA adapter with random B matrices for the tiny model (answers differ from the base's)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 1.0)
+    model.save_pretrained(out)
+    return out
+
+
+def test_ask_readers_streaming_and_answer_eval_with_models(cli, sample_docs: Path, tmp_path: Path, tiny_llm_dir: Path) -> None:
+    from ragops.artifacts import Registry
+    from ragops.config import load_settings
+
+    cli("ingest", str(sample_docs / "gpus"), "--json")
+    streamed = cli("ask", "What is MIG?", "--k", "2", "--stream")
+    assert streamed.exit_code == 0, streamed.output
+    assert streamed.stdout.strip()  # the streamed answer (plus its sources) reached stdout
+    fid = _json(cli("ask", "What is MIG?", "--k", "2", "--reader", "fid", "--json"))
+    assert isinstance(fid["answer"], str) and set(fid) >= {"answer", "citations", "timings"}
+
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(line for line in (REPO / "samples/eval/answers.jsonl").read_text().splitlines(True)[:3]))
+    plain = _json(cli("eval", "answers", "--data", str(answers), "--k", "2", "--json"))
+    assert plain["questions"] == 3 and plain["recorded_on"] is None
+    assert all(0.0 <= plain[m] <= 1.0 for m in ("exact_match", "token_f1", "answer_contains"))
+
+    # A trained adapter in the registry: evaluated before (its base) and after, recorded on it.
+    registry = Registry.from_settings(load_settings([], [], data_dir=tmp_path / "data", environ={}))
+    art = registry.publish(_tiny_adapter(tiny_llm_dir, tmp_path / "adapter"), kind="sft", base_model=str(tiny_llm_dir))
+    both = _json(cli("eval", "answers", "--data", str(answers), "--k", "2", "--model", "sft-latest", "--baseline", "base", "--json"))
+    assert both["recorded_on"] == art.name and both["baseline"]["model"] == "base"
+    assert both["baseline"]["recorded_on"] is None  # a base model has nowhere to record to
+    assert both["delta"]["token_f1"] == pytest.approx(both["token_f1"] - both["baseline"]["token_f1"])
+    recorded = registry.get(art.name)
+    assert recorded.metrics["answer_f1"] == pytest.approx(both["token_f1"])  # the name promotion gates use
+    assert cli("ask", "What is MIG?", "--k", "2", "--model", "sft-latest", "--json").exit_code == 0
+    # A local base model folder is evaluated, not recorded, and does not fail the command.
+    local = _json(cli("eval", "answers", "--data", str(answers), "--k", "2", "--model", str(tiny_llm_dir), "--json"))
+    assert local["recorded_on"] is None
+    bad = cli("eval", "answers", "--data", str(tmp_path / "missing.jsonl"))
+    assert bad.exit_code == 2 and "file not found" in bad.output
+
+
+def test_failed_files_make_ingest_exit_nonzero_and_the_rest_lands(cli, sample_docs: Path) -> None:
+    (sample_docs / "broken.pdf").write_bytes(b"%PDF-1.4 this is not a pdf")
+    (sample_docs / "binary.txt").write_bytes(bytes(range(256)) * 4)
+    res = cli("ingest", str(sample_docs), "--json")
+    assert res.exit_code != 0
+    report = json.loads(res.stdout)
+    assert report["new"] == 45 and report["failed_count"] == 2
+    assert _json(cli("index", "stats", "--json"))["documents"] == 45
+
+
 def test_bad_input_is_one_message_and_nonzero(cli, sample_docs: Path, tmp_path: Path) -> None:
     res = cli("search", "anything", "--json")
     assert res.exit_code != 0 and "does not exist" in res.output  # missing collection
