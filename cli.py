@@ -110,17 +110,18 @@ def ingest(
         TextColumn("[bold]ingest[/]"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("files · {task.fields[chunks]} chunks · {task.fields[rate]:.0f} points/s"),
+        TextColumn("files · {task.fields[documents]} documents · {task.fields[chunks]} chunks · {task.fields[rate]:.0f} points/s"),
         TimeElapsedColumn(),
         console=err,
         transient=True,
     )
     with progress:
-        task = progress.add_task("ingest", total=None, chunks=0, rate=0.0)
+        task = progress.add_task("ingest", total=None, documents=0, chunks=0, rate=0.0)
 
         def on_progress(p: dict[str, Any]) -> None:
             rate = p["points"] / p["elapsed"] if p["elapsed"] else 0.0
-            progress.update(task, completed=p["files_done"], total=p["files"], chunks=p["chunks"], rate=rate)
+            progress.update(task, completed=p["files_done"], total=p["files"], documents=p["documents"], chunks=p["chunks"],
+                            rate=rate)  # fmt: skip
 
         report = run_ingest(settings, paths, collection=collection, prune=prune, progress=on_progress)
     data = report.to_dict()
@@ -137,6 +138,8 @@ def _print_ingest_summary(d: dict[str, Any]) -> None:
     for key in ("new", "updated", "unchanged", "deleted", "failed_count", "chunks", "points_written"):
         table.add_row(key.replace("_count", ""), str(d[key]))
     table.add_row("duration", f"{d['duration_s']:.1f} s ({d['points_per_s']:.0f} points/s)")
+    if d.get("timings"):
+        table.add_row("by phase", ", ".join(f"{k} {v:.1f} s" for k, v in d["timings"].items()))
     out.print(table)
     for f in d["failed"]:
         err.print(f"[red]failed[/] {f['source']}: {f['reason']}", highlight=False)

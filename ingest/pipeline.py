@@ -209,6 +209,11 @@ class IngestReport:
     points_written: int = 0
     incomplete: list[str] = field(default_factory=list)
     duration_s: float = 0.0
+    #: Seconds per driver-side phase: ``discover`` (list files), ``scan`` (read the index's
+    #: fingerprints), ``pipeline`` (waiting for loaded/chunked/embedded batches: load, chunk
+    #: and embed overlap in the stream, so they are one figure), ``write`` (upserts),
+    #: ``optimize`` and ``prune``.
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -275,10 +280,14 @@ def run_ingest(
     if not roots:
         raise InputError("nothing to ingest: give at least one path or URI")
     started = time.perf_counter()
+    timings: dict[str, float] = {}
     files = discover(list(roots), settings.ingest.loader)
+    timings["discover"] = time.perf_counter() - started
     store, spec = open_collection(settings, collection)
     try:
+        t = time.perf_counter()
         states = scan_index(store)
+        timings["scan"] = time.perf_counter() - t
         known = {doc_id: fp for doc_id, st in states.items() if (fp := st.complete_fingerprint())}
         report = IngestReport(
             run_id=datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6],
@@ -295,27 +304,43 @@ def run_ingest(
         seen_docs: set[str] = set()
         failed_sources: set[str] = set()
         files_done: set[str] = set()
+        timings["pipeline"] = timings["write"] = 0.0
         if files:
-            batches = _run_stages(settings, stage, files)
-            for batch in batches:
+            batches = iter(_run_stages(settings, stage, files))
+            while True:
+                t = time.perf_counter()
+                batch = next(batches, None)
+                timings["pipeline"] += time.perf_counter() - t
+                if batch is None:
+                    break
                 _account(batch, report, seen_docs, failed_sources, files_done)
+                t = time.perf_counter()
                 report.chunks += sink.write_batch(batch)
+                timings["write"] += time.perf_counter() - t
                 if progress:
-                    progress({"files_done": len(files_done), "files": len(files), "chunks": report.chunks,
-                              "points": sink.points_written, "elapsed": time.perf_counter() - started})
+                    progress({"files_done": len(files_done), "files": len(files), "documents": report.documents,
+                              "chunks": report.chunks, "points": sink.points_written,
+                              "elapsed": time.perf_counter() - started})  # fmt: skip
+        t = time.perf_counter()
         report.incomplete = sink.close()
         report.points_written = sink.points_written
+        timings["write"] += time.perf_counter() - t
         optimize = getattr(store, "optimize", None)
         if optimize is not None and report.points_written:
             # Qdrant Edge never optimizes on its own: without this, queries scan every point.
+            t = time.perf_counter()
             optimize()
+            timings["optimize"] = time.perf_counter() - t
         if prune:
+            t = time.perf_counter()
             gone = [d for d, st in states.items() if d not in seen_docs and st.source not in failed_sources]
             report.deleted = sink.delete_documents(gone)
             store.flush()
+            timings["prune"] = time.perf_counter() - t
     finally:
         store.close()
     report.duration_s = round(time.perf_counter() - started, 3)
+    report.timings = {k: round(v, 3) for k, v in timings.items()}
     append_record(settings.data_dir, report.collection, report.to_dict())
     return report
 

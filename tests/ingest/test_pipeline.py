@@ -55,7 +55,13 @@ def test_first_ingest_then_unchanged_rerun_writes_nothing(make_settings, tmp_pat
     stats = collection_stats(s)
     assert stats["documents"] == 7 and stats["points"] == len(ids) and stats["dim"] == 32
     assert stats["last_ingest"]["unchanged"] == 7
-    assert len(read_records(s.data_dir, "ragops")) == 2
+    records = read_records(s.data_dir, "ragops")
+    assert len(records) == 2
+    # Each run records where its time went; the phases add up to no more than the whole run.
+    phases = records[0]["timings"]
+    assert {"discover", "scan", "pipeline", "write", "optimize"} <= set(phases) and min(phases.values()) >= 0
+    assert sum(phases.values()) <= records[0]["duration_s"] + 0.01
+    assert "optimize" not in records[1]["timings"]  # nothing written, nothing to optimize
 
 
 def test_changed_document_replaces_its_chunks(make_settings, tmp_path: Path) -> None:
