@@ -82,7 +82,10 @@ def _quiet_libraries() -> None:
 @app.command()
 @handle_errors
 def ingest(
-    paths: Annotated[list[str], typer.Argument(help="Files, folders or URIs (s3://...) to ingest.")],
+    paths: Annotated[
+        Optional[list[str]],
+        typer.Argument(help="Files, folders or URIs (s3://...) to ingest (default: the ingest.sources setting)."),
+    ] = None,
     collection: CollectionOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -123,7 +126,8 @@ def ingest(
             progress.update(task, completed=p["files_done"], total=p["files"], documents=p["documents"], chunks=p["chunks"],
                             rate=rate)  # fmt: skip
 
-        report = run_ingest(settings, paths, collection=collection, prune=prune, progress=on_progress)
+        report = run_ingest(settings, _ingest_sources(settings, paths), collection=collection, prune=prune,
+                            progress=on_progress)  # fmt: skip
     data = report.to_dict()
     if as_json:
         emit_json(data)
@@ -131,6 +135,16 @@ def ingest(
         _print_ingest_summary(data)
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _ingest_sources(settings: Any, paths: list[str] | None) -> list[str]:
+    """The command's paths, else ``ingest.sources`` from the settings."""
+    from ragops.errors import InputError
+
+    sources = list(paths or settings.ingest.sources)
+    if not sources:
+        raise InputError("nothing to ingest: name paths or URIs (ragops ingest ./docs), or set ingest.sources in the config")
+    return sources
 
 
 def _print_ingest_summary(d: dict[str, Any]) -> None:

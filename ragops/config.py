@@ -97,6 +97,11 @@ class SparseConfig(StrictModel):
 class IngestConfig(StrictModel):
     """The ingest pipeline and how Ray runs it."""
 
+    sources: list[str] = Field(
+        default_factory=list,
+        description="Paths or URIs `ragops ingest` reads when the command names none (cluster presets "
+        "point this at the team's documents, so a job needs no arguments).",
+    )
     loader: LoaderConfig = Field(default_factory=LoaderConfig)
     chunker: ChunkerConfig = Field(default_factory=ChunkerConfig)
     sparse: SparseConfig = Field(default_factory=SparseConfig)

@@ -139,6 +139,13 @@ def test_failed_files_make_ingest_exit_nonzero_and_the_rest_lands(cli, sample_do
     assert _json(cli("index", "stats", "--json"))["documents"] == 45
 
 
+def test_ingest_without_paths_reads_ingest_sources(cli, sample_docs: Path) -> None:
+    res = cli("ingest")
+    assert res.exit_code == 2 and "ingest.sources" in res.output
+    report = _json(cli("ingest", "--set", f"ingest.sources=[{json.dumps(str(sample_docs / 'gpus'))}]", "--json"))
+    assert report["new"] == 7
+
+
 def test_bad_input_is_one_message_and_nonzero(cli, sample_docs: Path, tmp_path: Path) -> None:
     res = cli("search", "anything", "--json")
     assert res.exit_code != 0 and "does not exist" in res.output  # missing collection

@@ -306,8 +306,10 @@ def _ray_cluster_spec(
 # -- manifests ---------------------------------------------------------------------------
 
 
-def job_entrypoint(kind: str, args: Sequence[str]) -> str:
+def job_entrypoint(kind: str, args: Sequence[str], settings: Settings | None = None) -> str:
     """The RayJob entrypoint: the ragops command of ``kind`` followed by the user's arguments.
+
+    An ingest job without arguments reads ``ingest.sources`` from the settings the pods carry.
 
     Raises:
         ConfigError: unknown kind, or arguments the command cannot run without.
@@ -315,8 +317,11 @@ def job_entrypoint(kind: str, args: Sequence[str]) -> str:
     if kind not in JOB_COMMANDS:
         raise ConfigError(f"unknown job '{kind}'; allowed: {', '.join(JOB_KINDS)}")
     args = list(args)
-    if kind == "ingest" and not args:
-        raise ConfigError("--job ingest: put the paths or URIs to ingest after --, e.g. -- s3://bucket/docs")
+    if kind == "ingest" and not args and not (settings is not None and settings.ingest.sources):
+        raise ConfigError(
+            "--job ingest: put the paths or URIs to ingest after --, e.g. -- s3://bucket/docs, "
+            "or set ingest.sources in the config"
+        )
     if kind == "eval" and (not args or args[0] not in ("retrieval", "answers")):
         raise ConfigError("--job eval: start the arguments with 'retrieval' or 'answers', e.g. -- answers --data FILE")
     return shlex.join(JOB_COMMANDS[kind] + args)
@@ -335,7 +340,7 @@ def render_job(settings: Settings, kind: str, args: Sequence[str], opts: RenderO
         ConfigError: embedded store, bad arguments, a bundle larger than a pod.
     """
     _check_store(settings)
-    entrypoint = job_entrypoint(kind, args)
+    entrypoint = job_entrypoint(kind, args, settings)
     groups = plan_groups(job_demands(settings, kind), opts.shapes, "job")
     spec: dict[str, Any] = {"entrypoint": entrypoint}
     spec.update(entrypoint_resources(settings, kind))

@@ -30,7 +30,7 @@ from tests.ragops.cluster._helpers import REPO, cluster_cli
 CLUSTER_YAML = REPO / "configs" / "cluster.yaml"
 EXAMPLES = REPO / "configs" / "kuberay"
 JOB_ARGS = {
-    "ingest": ["/opt/ragops/samples/docs"],
+    "ingest": [],  # the documents come from ingest.sources in configs/cluster.yaml
     "train-sft": ["--data", "/mnt/ragops/datasets/sft.jsonl"],
     "train-reward": ["--data", "/mnt/ragops/datasets/preferences.jsonl"],
     "eval": ["answers", "--data", "/opt/ragops/samples/eval/answers.jsonl"],
@@ -38,7 +38,7 @@ JOB_ARGS = {
 #: Shipped example → the `ragops kuberay render` arguments that produce it (from the repo root).
 EXAMPLE_COMMANDS = {
     **{
-        f"rayjob-{kind}.yaml": ["--job", kind, "--config", "configs/cluster.yaml", "--data-pvc", "ragops-data", "--", *args]
+        f"rayjob-{kind}.yaml": ["--job", kind, "--config", "configs/cluster.yaml", "--data-pvc", "ragops-data", *(["--", *args] if args else [])]
         for kind, args in JOB_ARGS.items()
     },
     "rayservice.yaml": ["--service", "--config", "configs/cluster.yaml", "--data-pvc", "ragops-data"],
@@ -248,8 +248,14 @@ def test_bundle_larger_than_a_pod_is_a_clear_error(cluster_settings: Any) -> Non
 
 
 def test_bad_job_arguments_and_names(cluster_settings: Any) -> None:
+    # Without arguments an ingest job reads ingest.sources (set by the cluster preset) ...
+    assert render_job(cluster_settings, "ingest", [], _opts())["spec"]["entrypoint"] == "ragops ingest"
+    # ... and without either it is refused with what to do.
+    no_sources = cluster_settings.model_copy(
+        update={"ingest": cluster_settings.ingest.model_copy(update={"sources": []})}
+    )
     with pytest.raises(ConfigError, match="paths or URIs"):
-        render_job(cluster_settings, "ingest", [], _opts())
+        render_job(no_sources, "ingest", [], _opts())
     with pytest.raises(ConfigError, match="retrieval' or 'answers"):
         render_job(cluster_settings, "eval", ["--data", "x"], _opts())
     with pytest.raises(ConfigError, match="Kubernetes names"):
