@@ -15,8 +15,13 @@ sample corpus (``samples/docs``), it measures:
 3. Dynamic batching: total tokens/s with 8 concurrent clients over tokens/s with one, with the
    default 5 passages (long prompts: prefill, which batching does not share, dominates) and
    with one passage (short prompts: decoding dominates).
-4. Memory: resident set size of the Ray Serve processes (controller, proxy, replicas) summed,
-   and their proportional set size (PSS, shared pages split between processes), with psutil.
+4. Memory, with psutil: resident set size (RSS) summed, and proportional set size (PSS,
+   shared pages split between processes), of (a) the app's actors (Serve controller, proxy,
+   replicas) and (b) the whole Ray session: every process of this run's Ray (GCS server,
+   raylet, dashboard and its agents, autoscaler monitor, log monitor, every worker, idle ones
+   included), found by the session directory on their command lines and their descendants.
+   The driver (this script) is reported apart: here it also holds the in-process baseline
+   pipeline, which ``ragops serve``'s driver does not.
 
 Usage::
 
@@ -92,21 +97,77 @@ def cpu_seconds(procs: list[psutil.Process]) -> float:
     return total
 
 
-def serve_memory() -> dict[str, Any]:
-    """RSS and PSS (MiB) of this run's Ray Serve processes (descendants of this driver)."""
+def ray_session_processes(session_dir: str | None) -> list[psutil.Process]:
+    """Every process of this run's Ray session except the driver.
+
+    Ray's own processes name the session directory on their command lines (GCS server, raylet,
+    dashboard, monitors); workers and agents are the raylet's children, whose titles
+    (``ray::...``) no longer show it, hence the descendants. Processes this driver started
+    (a local Ray starts its GCS server, raylet and monitors as children) count too. Other Ray
+    sessions on the machine have other session directories and are left out.
+    """
+    me = psutil.Process()
+    roots: dict[int, psutil.Process] = {p.pid: p for p in me.children(recursive=True)}
+    if session_dir:
+        for p in psutil.process_iter(["cmdline"]):
+            if p.pid != me.pid and session_dir in " ".join(p.info["cmdline"] or ()):
+                roots[p.pid] = p
+    found = dict(roots)
+    for p in roots.values():
+        try:
+            found.update({c.pid: c for c in p.children(recursive=True)})
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    found.pop(me.pid, None)
+    return list(found.values())
+
+
+def _label(p: psutil.Process) -> str:
+    """``ray::Actor`` titles as they are; binaries and scripts by file name."""
+    cmd = p.cmdline()
+    if cmd and cmd[0].startswith("ray::"):
+        return cmd[0].strip()
+    script = next((a for a in cmd[1:3] if a.endswith(".py")), None)
+    return os.path.basename(script or (cmd[0] if cmd else p.name()))
+
+
+def _memory_rows(procs: list[psutil.Process]) -> list[dict[str, Any]]:
     rows = []
-    for p in serve_processes():
+    for p in procs:
         try:
             info = p.memory_full_info()
-            rows.append({"process": p.cmdline()[0], "rss_mib": info.rss / 2**20,
+            rows.append({"process": _label(p), "pid": p.pid, "rss_mib": info.rss / 2**20,
                          "pss_mib": getattr(info, "pss", 0) / 2**20, "nice": p.nice()})  # fmt: skip
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+    return sorted(rows, key=lambda r: -r["rss_mib"])
+
+
+def serve_memory(session_dir: str | None) -> dict[str, Any]:
+    """RSS and PSS (MiB) of the app's actors, of the whole Ray session, and of the driver."""
+    app = _memory_rows(serve_processes())
+    session = _memory_rows(ray_session_processes(session_dir))
+    driver = _memory_rows([psutil.Process()])
     return {
-        "processes": sorted(rows, key=lambda r: -r["rss_mib"]),
-        "rss_total_mib": sum(r["rss_mib"] for r in rows),
-        "pss_total_mib": sum(r["pss_mib"] for r in rows),
+        "processes": app,
+        "rss_total_mib": sum(r["rss_mib"] for r in app),
+        "pss_total_mib": sum(r["pss_mib"] for r in app),
+        "session_processes": session,
+        "session_rss_total_mib": sum(r["rss_mib"] for r in session),
+        "session_pss_total_mib": sum(r["pss_mib"] for r in session),
+        "driver_rss_mib": driver[0]["rss_mib"] if driver else 0.0,
+        "driver_pss_mib": driver[0]["pss_mib"] if driver else 0.0,
     }
+
+
+def ray_session_dir() -> str | None:
+    """This driver's Ray session directory (None when Ray does not say)."""
+    import ray
+
+    try:
+        return ray._private.worker.global_worker.node.get_session_dir_path()  # no public accessor in Ray 2.60
+    except AttributeError:
+        return None
 
 
 async def load(url: str, path: str, bodies: list[dict[str, Any]], clients: int, procs: list[psutil.Process]) -> dict[str, Any]:
@@ -293,7 +354,7 @@ def main() -> None:
         results["batching_gain_k1_per_cpu_8_vs_1"] = k1[8]["tokens_per_cpu_s"] / k1[1]["tokens_per_cpu_s"]
 
         # 3. Memory of the Serve processes (models loaded, after load).
-        results["memory"] = serve_memory()
+        results["memory"] = serve_memory(ray_session_dir())
         results["machine"]["load_avg_end"] = os.getloadavg()
     finally:
         serve.shutdown()
@@ -328,9 +389,20 @@ def report(r: dict[str, Any]) -> None:
         print(f"batching, k=1: 8 clients / 1 client: total tokens/s {r['batching_gain_k1_8_vs_1']:.2f}x, "
               f"tokens per Serve CPU second {r['batching_gain_k1_per_cpu_8_vs_1']:.2f}x")
     mem = r["memory"]
-    print(f"\nRay Serve processes: RSS {mem['rss_total_mib']:.0f} MiB in total, PSS {mem['pss_total_mib']:.0f} MiB")
+    print(f"\nApp actors (Serve controller, proxy, replicas): RSS {mem['rss_total_mib']:.0f} MiB in total, "
+          f"PSS {mem['pss_total_mib']:.0f} MiB")  # fmt: skip
     for p in mem["processes"]:
-        print(f"  {p['process']:<40} RSS {p['rss_mib']:7.0f} MiB  PSS {p['pss_mib']:7.0f} MiB  nice {p['nice']}")
+        print(f"  {p['process']:<44} RSS {p['rss_mib']:7.0f} MiB  PSS {p['pss_mib']:7.0f} MiB  nice {p['nice']}")
+    if "session_processes" in mem:
+        rows = mem["session_processes"]
+        print(f"Whole Ray session ({len(rows)} processes, driver excluded): RSS {mem['session_rss_total_mib']:.0f} MiB, "
+              f"PSS {mem['session_pss_total_mib']:.0f} MiB; with the driver (this script, which also holds the "
+              f"in-process baseline): RSS {mem['session_rss_total_mib'] + mem['driver_rss_mib']:.0f} MiB, "
+              f"PSS {mem['session_pss_total_mib'] + mem['driver_pss_mib']:.0f} MiB")  # fmt: skip
+        others = [p for p in rows if p["pid"] not in {q["pid"] for q in mem["processes"]}]
+        for p in others:
+            print(f"  {p['process']:<44} RSS {p['rss_mib']:7.0f} MiB  PSS {p['pss_mib']:7.0f} MiB")
+        print(f"  driver{'':<38} RSS {mem['driver_rss_mib']:7.0f} MiB  PSS {mem['driver_pss_mib']:7.0f} MiB")
 
 
 if __name__ == "__main__":

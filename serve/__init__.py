@@ -5,7 +5,8 @@ Modules:
 * :mod:`~ragops.serve.config`: ``ServeConfig``, the ``serve:`` settings (pydantic only);
 * :mod:`~ragops.serve.app`: the application builder (``ragops serve``, ``serve run``, KubeRay);
 * :mod:`~ragops.serve.ingress`, :mod:`~ragops.serve.embedder`, :mod:`~ragops.serve.retriever`,
-  :mod:`~ragops.serve.generator`: the four deployments;
+  :mod:`~ragops.serve.reranker` (only when ``retrieval.rerank.model`` is set),
+  :mod:`~ragops.serve.generator`: the deployments;
 * :mod:`~ragops.serve.http_app`: the FastAPI app (endpoints, errors, middleware; no Ray);
 * :mod:`~ragops.serve.backend`: handle calls with deadlines and back-pressure;
 * :mod:`~ragops.serve.answering`: context assembly, readers and dynamic batching on a replica;

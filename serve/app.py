@@ -1,9 +1,11 @@
-"""The Ray Serve application: four deployments composed with handles.
+"""The Ray Serve application: four deployments (five with a reranker) composed with handles.
 
 ::
 
     HTTP ─▶ Ingress (FastAPI) ──▶ QueryEmbedder   query → dense + BM25 vectors   (@serve.batch)
-                              ──▶ Retriever       vectors → hits (Qdrant), rerank, neighbours
+                              ──▶ Retriever       vectors → hits (Qdrant), neighbours
+                              ──▶ Reranker        hits → cross-encoder order     (@serve.batch;
+                                                  only when retrieval.rerank.model is set)
                               ──▶ Generator       hits → cited answer            (@serve.batch,
                                                   streamed or whole; LoRA via @serve.multiplexed)
 
@@ -46,12 +48,16 @@ def check_topology(settings: Settings) -> None:
         ConfigError: the embedded Edge store with more than one retriever replica, or a GPU
             reserved for a model configured to run on the CPU.
     """
-    for section, device in (("generator", settings.generator.device), ("embedder", settings.embedder.device)):
+    # The reranker's cross-encoder runs on embedder.device, as in the library's Retriever.
+    sections = [("generator", "generator", settings.generator.device), ("embedder", "embedder", settings.embedder.device)]
+    if settings.retrieval.rerank.model:
+        sections.append(("reranker", "embedder", settings.embedder.device))
+    for section, device_key, device in sections:
         gpus = getattr(settings.serve, section).num_gpus
         if gpus > 0 and device == "cpu":
             raise ConfigError(
-                f"serve.{section}.num_gpus={gpus:g} reserves a GPU, but {section}.device is 'cpu': set "
-                f"--set {section}.device=auto (or cuda) so the model runs on it"
+                f"serve.{section}.num_gpus={gpus:g} reserves a GPU, but {device_key}.device is 'cpu': set "
+                f"--set {device_key}.device=auto (or cuda) so the model runs on it"
             )
     auto = settings.serve.retriever.autoscaling
     if settings.vectorstore.backend == "edge" and (auto.max_replicas > 1 or auto.min_replicas > 1):
@@ -63,7 +69,9 @@ def check_topology(settings: Settings) -> None:
 
 
 def build_application(settings: Settings, *, keys: ApiKeys | None = None) -> Application:
-    """Bind the four deployments with their options from ``settings.serve``.
+    """Bind the deployments with their options from ``settings.serve``.
+
+    The reranker deployment exists only when ``retrieval.rerank.model`` is set.
 
     Args:
         settings: Full settings (the ``serve`` section sizes the deployments).
@@ -75,6 +83,7 @@ def build_application(settings: Settings, *, keys: ApiKeys | None = None) -> App
     from ragops.serve.embedder import QueryEmbedder
     from ragops.serve.generator import GeneratorDeployment
     from ragops.serve.ingress import Ingress
+    from ragops.serve.reranker import RerankerDeployment
     from ragops.serve.retriever import RetrieverDeployment
 
     check_topology(settings)
@@ -85,10 +94,18 @@ def build_application(settings: Settings, *, keys: ApiKeys | None = None) -> App
     embedder = QueryEmbedder.options(**sc.embedder.deployment_options()).bind(data)
     retriever = RetrieverDeployment.options(**sc.retriever.deployment_options()).bind(data)
     generator = GeneratorDeployment.options(**sc.generator.deployment_options()).bind(data)
+    reranker = None
+    if settings.retrieval.rerank.model:
+        reranker = RerankerDeployment.options(**sc.reranker.deployment_options()).bind(data)
     ingress_opts = sc.ingress.deployment_options()
-    # Refusals at the proxy (the ingress queue is full) carry Retry-After too.
+    # Refusals at the proxy (the ingress queue is full) carry Retry-After too. Their body stays
+    # Ray Serve's plain text, not the API's JSON error: Ray 2.60's BackpressureConfig sets only
+    # the status code (503/429) and Retry-After, and the proxy writes the exception message as
+    # text/plain before any deployment code runs. Only a proxy-wide middleware could rewrite it,
+    # and that is installed through an environment variable read when the proxy starts
+    # (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH), which an application cannot set for a cluster.
     ingress_opts["backpressure_config"] = {"status_code": 503, "retry_after_s": sc.retry_after_s}
-    return Ingress.options(**ingress_opts).bind(data, keys, embedder, retriever, generator)
+    return Ingress.options(**ingress_opts).bind(data, keys, embedder, retriever, generator, reranker)
 
 
 def _absolute_paths(settings: Settings) -> Settings:

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from contextlib import contextmanager
 from typing import Any
 
+from ragops.config import RetrievalConfig
 from ragops.serve.errors import APIError, from_ragops_error, overloaded, timed_out
 from ragops.serve.metrics import ServeMetrics
 
@@ -40,8 +41,31 @@ class Deadline:
         return left
 
 
+def candidates_to_fetch(k: int, candidates: int) -> int:
+    """Hits the retriever fetches for the reranker to keep ``k``: ``max(k, candidates)``, as
+    :meth:`ragops.retrieval.search.Retriever.search_batch` fetches before reranking."""
+    return max(k, candidates) if k >= 1 else k  # k < 1 reaches the retriever as is: its error
+
+
+async def until_assigned(response: Any, stream: bool = False) -> None:
+    """Wait until Ray Serve's router has handed a handle call to a replica.
+
+    Until then the call waits in the handle's queue (every replica is at its
+    ``max_ongoing_requests``; ``max_queued_requests`` bounds that queue). Ray Serve's
+    ``_to_object_ref`` / ``_to_object_ref_gen`` (developer API) return exactly then; a
+    handle that passes results by value (the gRPC transport) has no ObjectRef, so its
+    replica-assignment future is awaited directly. Awaiting the response afterwards reuses
+    the assignment: nothing is sent twice.
+    """
+    if getattr(response, "by_reference", True):
+        await (response._to_object_ref_gen() if stream else response._to_object_ref())
+    else:
+        await response._fetch_future_result_async()
+
+
 class Downstream:
-    """Calls to one deployment, counted in ``ragops_downstream_inflight_calls``.
+    """Calls to one deployment, counted in ``ragops_downstream_inflight_calls`` and, while
+    they wait for a replica, in ``ragops_queue_depth``.
 
     Args:
         name: Deployment label for metrics and messages.
@@ -81,20 +105,31 @@ class Downstream:
         return api
 
     @contextmanager
-    def _inflight(self):  # type: ignore[no-untyped-def]
-        gauge = self.metrics.downstream_inflight.labels(self.name)
+    def _counted(self, gauge: Any):  # type: ignore[no-untyped-def]
+        gauge = gauge.labels(self.name)
         gauge.inc()
         try:
             yield
         finally:
             gauge.dec()
 
+    def _inflight(self):  # type: ignore[no-untyped-def]
+        return self._counted(self.metrics.downstream_inflight)
+
+    def _queued(self):  # type: ignore[no-untyped-def]
+        return self._counted(self.metrics.queue_depth)
+
+    async def _result(self, response: Any) -> Any:
+        with self._queued():
+            await until_assigned(response)
+        return await response
+
     async def call(self, method: str, *args: Any, deadline: Deadline, model_id: str | None = None, **kwargs: Any) -> Any:
         """Call ``method`` and await its result within the deadline."""
         response = self._method(method, model_id).remote(*args, **kwargs)
         with self._inflight():
             try:
-                return await asyncio.wait_for(_await(response), deadline.remaining())
+                return await asyncio.wait_for(self._result(response), deadline.remaining())
             except (TimeoutError, asyncio.TimeoutError):
                 response.cancel()  # free the replica's slot: nobody waits for this answer any more
                 self.metrics.rejections.labels("timeout").inc()
@@ -113,6 +148,8 @@ class Downstream:
         gen = self._method(method, model_id, stream=True).remote(*args, **kwargs)
         with self._inflight():
             try:
+                with self._queued():
+                    await asyncio.wait_for(until_assigned(gen, stream=True), deadline.remaining())
                 while True:
                     try:
                         item = await asyncio.wait_for(gen.__anext__(), deadline.remaining())
@@ -134,23 +171,40 @@ class Downstream:
                 raise self._translate(exc) from None
 
 
-async def _await(response: Any) -> Any:
-    return await response
-
-
 class HandleBackend:
     """The deployments behind the ingress, reached through their handles.
+
+    With a reranker (``retrieval.rerank.model`` set) a search is two calls: the retriever
+    fetches ``max(k, retrieval.rerank.candidates)`` hits without reranking, the reranker
+    orders them and keeps ``k`` (what ``ragops search`` does in one process); neighbour
+    expansion for answering comes after reranking, as in the library's pipeline.
 
     Args:
         embedder, retriever, generator: DeploymentHandles.
         metrics: The ingress replica's metrics.
         retry_after_s: ``Retry-After`` for 503 answers.
+        reranker: The reranker's DeploymentHandle; None when reranking is off.
+        retrieval: Retrieval settings (default ``k``, rerank candidates, neighbour
+            expansion); needed with a reranker.
     """
 
-    def __init__(self, embedder: Any, retriever: Any, generator: Any, metrics: ServeMetrics, retry_after_s: int) -> None:
+    def __init__(
+        self,
+        embedder: Any,
+        retriever: Any,
+        generator: Any,
+        metrics: ServeMetrics,
+        retry_after_s: int,
+        reranker: Any = None,
+        retrieval: RetrievalConfig | None = None,
+    ) -> None:
+        if reranker is not None and retrieval is None:
+            raise ValueError("a reranker needs the retrieval settings (k, rerank.candidates)")
         self.embedder = Downstream("embedder", embedder, metrics, retry_after_s)
         self.retriever = Downstream("retriever", retriever, metrics, retry_after_s)
         self.generator = Downstream("generator", generator, metrics, retry_after_s)
+        self.reranker = Downstream("reranker", reranker, metrics, retry_after_s) if reranker is not None else None
+        self.retrieval = retrieval
 
     async def encode_query(self, query: str, *, deadline: Deadline) -> Any:
         """Dense + BM25 query vectors (an ``EncodedQuery``)."""
@@ -161,12 +215,24 @@ class HandleBackend:
         return await self.embedder.call("embed", texts, input_type, deadline=deadline)
 
     async def search(self, query: str, encoded: Any, params: dict[str, Any], *, deadline: Deadline) -> Any:
-        """A ``SearchResult`` (retrieval only)."""
-        return await self.retriever.call("search", query, encoded, params, deadline=deadline)
+        """A ``SearchResult`` (retrieval only; reranked when a reranker is configured)."""
+        if self.reranker is None:
+            return await self.retriever.call("search", query, encoded, params, deadline=deadline)
+        assert self.retrieval is not None
+        k = params.get("k") or self.retrieval.k
+        fetch = candidates_to_fetch(k, self.retrieval.rerank.candidates)
+        found = await self.retriever.call("search", query, encoded, {**params, "k": fetch}, deadline=deadline)
+        return await self.reranker.call("rerank", query, found, k, deadline=deadline)
 
     async def retrieve(self, query: str, encoded: Any, params: dict[str, Any], *, deadline: Deadline) -> Any:
         """A ``SearchResult`` with neighbour expansion, for answering."""
-        return await self.retriever.call("retrieve", query, encoded, params, deadline=deadline)
+        if self.reranker is None:
+            return await self.retriever.call("retrieve", query, encoded, params, deadline=deadline)
+        assert self.retrieval is not None
+        result = await self.search(query, encoded, params, deadline=deadline)
+        if self.retrieval.expand_neighbors > 0 and result.hits:
+            result = await self.retriever.call("expand", result, deadline=deadline)
+        return result
 
     async def answer(self, request: Any, model_id: str, *, deadline: Deadline) -> dict[str, Any]:
         """A whole answer (batched on the generator) or ``{"error": ...}``."""

@@ -1,6 +1,7 @@
 """Serving settings: the ``serve:`` section of :class:`ragops.config.Settings`.
 
-One sub-model per Ray Serve deployment (ingress, query embedder, retriever, generator), each
+One sub-model per Ray Serve deployment (ingress, query embedder, retriever, the optional
+reranker, generator), each
 with its autoscaling, admission limits and actor resources, plus the HTTP-level limits of the
 OpenAI-compatible API. Pure pydantic: importing this module never imports Ray (the core
 config imports it).
@@ -110,7 +111,7 @@ class EmbedderSettings(DeploymentSettings):
 
 
 class RetrieverSettings(DeploymentSettings):
-    """Vector search, neighbour expansion and (when ``retrieval.rerank.model`` is set) reranking.
+    """Vector search and neighbour expansion (reranking is the reranker deployment's).
 
     With the embedded Qdrant Edge store only one process may open the shard, so this
     deployment must keep exactly one replica (the app refuses a config asking for more).
@@ -121,6 +122,34 @@ class RetrieverSettings(DeploymentSettings):
     search_threads: int = Field(
         4, ge=1, description="Concurrent searches per replica against a Qdrant server (Edge: always 1)."
     )
+
+
+class RerankerSettings(DeploymentSettings):
+    """The cross-encoder reranker: its own deployment, created only when ``retrieval.rerank.model`` is set.
+
+    The ingress asks the retriever for ``retrieval.rerank.candidates`` hits and this
+    deployment orders them (the library's :class:`~ragops.retrieval.rerank.Reranker`, on
+    ``embedder.device``), so it scales apart from the single-process Edge retriever.
+    """
+
+    max_ongoing_requests: int = Field(16, ge=1, description="Requests a replica works on at once.")
+    max_queued_requests: int = Field(64, ge=-1, description="Requests each caller queues before refusing; -1: no limit.")
+    max_batch_size: int = Field(
+        4, ge=1, description="Queries whose candidates are scored in one cross-encoder pass (@serve.batch)."
+    )
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="How long a batch waits to fill.")
+    autoscaling: AutoscalingSettings = Field(
+        default_factory=lambda: AutoscalingSettings(max_replicas=2, target_ongoing_requests=4)
+    )
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> RerankerSettings:
+        if self.max_batch_size > self.max_ongoing_requests:
+            raise ValueError(
+                f"max_batch_size ({self.max_batch_size}) exceeds max_ongoing_requests ({self.max_ongoing_requests}): "
+                "a replica could never collect a full batch"
+            )
+        return self
 
 
 class GeneratorSettings(DeploymentSettings):
@@ -201,6 +230,9 @@ class ServeConfig(_Strict):
     ingress: IngressSettings = Field(default_factory=IngressSettings)
     embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
     retriever: RetrieverSettings = Field(default_factory=RetrieverSettings)
+    reranker: RerankerSettings = Field(
+        default_factory=RerankerSettings, description="Used only when retrieval.rerank.model is set."
+    )
     generator: GeneratorSettings = Field(default_factory=GeneratorSettings)
 
     @model_validator(mode="after")

@@ -395,7 +395,7 @@ def create_app(ctx: IngressContext) -> FastAPI:
         encoded = await ctx.backend.encode_query(question, deadline=deadline)
         ctx.metrics.embed_seconds.observe(time.perf_counter() - t0)
         search = await ctx.backend.retrieve(question, encoded, params, deadline=deadline)
-        ctx.metrics.retrieval_seconds.observe(float(search.timings.get("search_s", 0.0)))
+        ctx.metrics.observe_search(search.timings)
         areq = AnswerRequest(
             question=reader_question(body, sc.history_turns),
             search=search,
@@ -435,7 +435,7 @@ def create_app(ctx: IngressContext) -> FastAPI:
         }
         encoded = await ctx.backend.encode_query(body.query, deadline=deadline)
         result = await ctx.backend.search(body.query, encoded, params, deadline=deadline)
-        ctx.metrics.retrieval_seconds.observe(float(result.timings.get("search_s", 0.0)))
+        ctx.metrics.observe_search(result.timings)
         return JSONResponse(result.to_dict())
 
     @app.post("/v1/embeddings")

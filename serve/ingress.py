@@ -35,12 +35,13 @@ def feedback_dir(settings: Any) -> Any:
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress:
-    """HTTP front door: auth, validation, orchestration (embed → retrieve → generate), metrics.
+    """HTTP front door: auth, validation, orchestration (embed → retrieve → [rerank →] generate), metrics.
 
     Args:
         settings: The app's settings as a dict.
         keys: API key digests (never the keys).
         embedder, retriever, generator: Handles of the other deployments.
+        reranker: Handle of the reranker deployment; None when ``retrieval.rerank.model`` is unset.
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class Ingress:
         embedder: DeploymentHandle,
         retriever: DeploymentHandle,
         generator: DeploymentHandle,
+        reranker: DeploymentHandle | None = None,
     ) -> None:
         self.settings = replica_settings(settings)
         metrics = ServeMetrics()
@@ -57,7 +59,10 @@ class Ingress:
         self.ctx = IngressContext(
             settings=self.settings,
             keys=keys,
-            backend=HandleBackend(embedder, retriever, generator, metrics, self.settings.serve.retry_after_s),
+            backend=HandleBackend(
+                embedder, retriever, generator, metrics, self.settings.serve.retry_after_s,
+                reranker=reranker, retrieval=self.settings.retrieval,
+            ),
             metrics=metrics,
             feedback=FeedbackStore(feedback_dir(self.settings)),
             catalog=ModelCatalog(self.settings),

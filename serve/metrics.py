@@ -2,9 +2,17 @@
 
 Ray Serve replicas are separate processes, so a process-global registry would only see its
 own process. The design: each ingress replica keeps its own :class:`CollectorRegistry` and
-feeds it with what downstream calls return (token counts, retrieval and generation timings
-come back in every answer), plus what it sees itself (status, latency, in-flight calls per
-downstream deployment, rejections). With one ingress replica (the laptop default) ``/metrics``
+feeds it with what downstream calls return (token counts, retrieval, rerank and generation
+timings come back in every answer), plus what it sees itself (status, latency, in-flight calls
+per downstream deployment, rejections, and the queue depth).
+
+Queue depth (``ragops_queue_depth{deployment}``): calls this ingress replica made to a
+deployment that Ray Serve's handle still holds because every replica of that deployment is at
+its ``max_ongoing_requests``; a call leaves the count when a replica accepts it. This is the
+queue ``max_queued_requests`` bounds (past it, 503). ``ragops_downstream_inflight_calls``
+counts the same calls from sending to answer, so inflight minus queue depth is what the
+replicas hold; a generator replica may hold up to ``max_ongoing_requests`` of them while it
+decodes ``max_batch_size`` at a time (its scheduler merges the rest into the next batch). With one ingress replica (the laptop default) ``/metrics``
 is the whole picture; with several, each scrape through the proxy reaches one replica, so on a
 cluster scrape Ray's own metrics endpoint on every node instead (Ray Serve's built-in
 ``ray_serve_*`` series: requests, latency, queue lengths, replicas per deployment).
@@ -48,6 +56,12 @@ class ServeMetrics:
             "Calls to a deployment awaiting an answer (queued at the handle or running on a replica).",
             ["deployment"], registry=r,
         )  # fmt: skip
+        self.queue_depth = Gauge(
+            "ragops_queue_depth",
+            "Calls from this ingress replica waiting in a deployment handle's queue for a replica (every "
+            "replica at max_ongoing_requests), not yet handed to one; max_queued_requests bounds it (503 beyond).",
+            ["deployment"], registry=r,
+        )  # fmt: skip
         self.rejections = Counter(
             "ragops_rejections", "Requests refused: auth, invalid, too_large, not_found, overloaded, timeout.", ["reason"], registry=r
         )
@@ -55,6 +69,10 @@ class ServeMetrics:
         self.prompt_tokens = Counter("ragops_prompt_tokens", "Prompt tokens read by the generator.", ["model"], registry=r)
         self.retrieval_seconds = Histogram(
             "ragops_retrieval_duration_seconds", "Search time in the retriever (encode excluded).",
+            buckets=_FAST_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.rerank_seconds = Histogram(
+            "ragops_rerank_duration_seconds", "Cross-encoder time per reranked query (its batch's).",
             buckets=_FAST_BUCKETS, registry=r,
         )  # fmt: skip
         self.embed_seconds = Histogram(
@@ -77,6 +95,12 @@ class ServeMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition."""
         return generate_latest(self.registry)
+
+    def observe_search(self, timings: dict) -> None:
+        """Record a search result's stage timings (search; rerank when reranked)."""
+        self.retrieval_seconds.observe(float(timings.get("search_s", 0.0)))
+        if "rerank_s" in timings:
+            self.rerank_seconds.observe(float(timings["rerank_s"]))
 
     def observe_answer(self, model: str, answer: dict) -> None:
         """Record what a generator answer reports (tokens, timings)."""

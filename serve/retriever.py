@@ -1,10 +1,12 @@
-"""Retriever deployment: vector search (+ neighbour expansion and optional reranking).
+"""Retriever deployment: vector search and neighbour expansion.
 
 Holds the one open vector store of the app. Queries arrive already encoded (by the query
 embedder deployment); each call runs the library's :class:`~ragops.retrieval.search.Retriever`
-with a stand-in encoder that hands those vectors back, so search, filters, fusion and reranking
-are exactly ``ragops search``'s. Reranking (``retrieval.rerank.model``) runs in this replica:
-its cross-encoder needs the hits' text, which lives here.
+with a stand-in encoder that hands those vectors back, so search, filters and fusion are
+exactly ``ragops search``'s. Reranking (``retrieval.rerank.model``) is not done here: the
+ingress asks this deployment for the reranker's candidates and sends them to the reranker
+deployment (:mod:`ragops.serve.reranker`), so the cross-encoder scales apart from the store
+(one replica with the embedded Edge store) and never holds a search thread.
 
 The embedded Qdrant Edge shard can be opened by one process only: the app refuses more than
 one replica of this deployment with the Edge backend, and a replica that starts while an old
@@ -27,7 +29,6 @@ from ray import serve
 from ragops.errors import StoreLockedError
 from ragops.retrieval.context import expand_neighbors
 from ragops.retrieval.encoder import EncodedQuery
-from ragops.retrieval.rerank import Reranker
 from ragops.retrieval.search import Retriever, SearchResult
 from ragops.serve.replica import replica_settings
 from ragops.vectorstore import VectorStore, open_store
@@ -83,10 +84,12 @@ class RetrieverDeployment:
         workers = 1 if edge else self.settings.serve.retriever.search_threads
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="search")
         self._store: VectorStore = self._open()
-        rerank = self.settings.retrieval.rerank
-        self._reranker = Reranker(rerank, device=self.settings.embedder.device) if rerank.model else None
-        if self._reranker is not None:
-            self._reranker.warm_up()
+        # The library retriever here never reranks (nor loads a cross-encoder): that is the
+        # reranker deployment's work, on the candidates the ingress asks for.
+        retrieval = self.settings.retrieval.model_copy(
+            update={"rerank": self.settings.retrieval.rerank.model_copy(update={"model": None})}
+        )
+        self._search_settings = self.settings.model_copy(update={"retrieval": retrieval})
         # Fail at start (clear message) rather than on the first query.
         self._retriever([]).spec  # noqa: B018 - checks the collection and its embedder
 
@@ -103,7 +106,7 @@ class RetrieverDeployment:
 
     def _retriever(self, encoded: Sequence[EncodedQuery]) -> Retriever:
         encoder = GivenQueryVectors(encoded, self.settings.embedder.model)
-        return Retriever(self.settings, store=self._store, encoder=encoder, reranker=self._reranker)  # type: ignore[arg-type]
+        return Retriever(self._search_settings, store=self._store, encoder=encoder)  # type: ignore[arg-type]
 
     async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -115,8 +118,11 @@ class RetrieverDeployment:
         return await self._run(self._retriever([encoded]).search, query, **{k: params.get(k) for k in keys})
 
     async def retrieve(self, query: str, encoded: EncodedQuery, params: dict[str, Any]) -> SearchResult:
-        """Hits for answering: :meth:`search`, then neighbour expansion (``retrieval.expand_neighbors``)."""
-        result = await self.search(query, encoded, params)
+        """Hits for answering: :meth:`search`, then :meth:`expand`."""
+        return await self.expand(await self.search(query, encoded, params))
+
+    async def expand(self, result: SearchResult) -> SearchResult:
+        """Neighbour expansion of a result's hits (``retrieval.expand_neighbors``; 0: as is)."""
         n = self.settings.retrieval.expand_neighbors
         if n > 0 and result.hits:
             hits = await self._run(expand_neighbors, result.hits, self._store, n)

@@ -34,7 +34,6 @@ import yaml
 from ragops.cluster.envconfig import settings_env, settings_overrides
 from ragops.cluster.resources import (
     JOB_KINDS,
-    SERVE_DEPLOYMENTS,
     Shapes,
     WorkerGroup,
     entrypoint_resources,
@@ -42,6 +41,7 @@ from ragops.cluster.resources import (
     plan_cluster_groups,
     plan_groups,
     serve_demands,
+    serve_deployments,
 )
 from ragops.config import Settings
 from ragops.errors import ConfigError
@@ -362,7 +362,7 @@ def serve_config_v2(settings: Settings) -> dict[str, Any]:
     overrides, and each deployment's autoscaling, limits and actor resources from
     ``settings.serve`` (the same values the app binds in code, visible and editable here)."""
     deployments = []
-    for key, name in SERVE_DEPLOYMENTS.items():
+    for key, name in serve_deployments(settings).items():
         options = getattr(settings.serve, key).deployment_options()
         deployments.append(
             {

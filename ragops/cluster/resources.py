@@ -34,13 +34,30 @@ Mode = Literal["job", "service", "cluster"]
 
 #: CPUs a Ray Data load/chunk task reserves (ragops.ingest.ray_pipeline.LOAD_TASK_CPUS).
 LOAD_TASK_CPUS = 1.0
-#: Serve deployment keys in ``settings.serve`` → deployment names in ragops.serve.app.
+#: Serve deployment keys in ``settings.serve`` → deployment names in ragops.serve.app (the
+#: deployments every app has).
 SERVE_DEPLOYMENTS: dict[str, str] = {
     "ingress": "Ingress",
     "embedder": "QueryEmbedder",
     "retriever": "Retriever",
     "generator": "Generator",
 }
+#: The reranker deployment, created only when ``retrieval.rerank.model`` is set.
+RERANKER_DEPLOYMENT: tuple[str, str] = ("reranker", "Reranker")
+
+
+def serve_deployments(settings: Settings) -> dict[str, str]:
+    """The deployments the app builds with these settings (key in ``settings.serve`` → name).
+
+    Listing a deployment the app does not build would make Ray Serve refuse the config, so the
+    reranker appears only when ``retrieval.rerank.model`` is set.
+    """
+    out: dict[str, str] = {}
+    for key, name in SERVE_DEPLOYMENTS.items():
+        if key == "generator" and settings.retrieval.rerank.model:
+            out[RERANKER_DEPLOYMENT[0]] = RERANKER_DEPLOYMENT[1]  # in request order: after the retriever
+        out[key] = name
+    return out
 
 
 @dataclass(frozen=True)
@@ -151,7 +168,7 @@ def entrypoint_resources(settings: Settings, kind: str) -> dict[str, float]:
 def serve_demands(settings: Settings) -> list[Demand]:
     """One demand per Serve deployment, its replicas' bounds from its autoscaling settings."""
     out = []
-    for key, name in SERVE_DEPLOYMENTS.items():
+    for key, name in serve_deployments(settings).items():
         d = getattr(settings.serve, key)
         auto = d.autoscaling
         out.append(

@@ -1,8 +1,12 @@
 """Fixtures for the serving tests: the real Ray Serve app on a free port, once per session.
 
-The app is the production one (four deployments, FastAPI ingress, proxy) with tiny models:
+The app is the production one (five deployments, FastAPI ingress, proxy) with tiny models:
 the sample corpus is ingested with the tiny embedder into a private data dir, the generator is
-the tiny Llama, and a random LoRA adapter is served as ``tiny-lora``. Every deployment reserves
+the tiny Llama, a random LoRA adapter is served as ``tiny-lora``, and a tiny random
+cross-encoder reranks (its own deployment). The reranker's candidates are 3: a request for k
+>= 3 passages gets the retriever's top k reordered (the same hits as without a reranker, which
+the tests that look for an obvious document rely on), one for fewer chooses among the top 3
+(the reranker test relies on that). Every deployment reserves
 0 CPUs so the app never starves the other tests sharing the session's local Ray, and the
 generator admits 4 requests (batches of up to 4) and queues 2 more per caller, so the
 back-pressure test can fill it with a handful of requests.
@@ -69,18 +73,42 @@ def tiny_lora_dir(tiny_llm_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
+#: Hits the served reranker chooses from (retrieval.rerank.candidates of the test app).
+RERANK_CANDIDATES = 3
+
+
 @pytest.fixture(scope="session")
-def serve_settings(tmp_path_factory: pytest.TempPathFactory, tiny_embedder: Path, tiny_llm_dir: Path, tiny_lora_dir: Path):
+def tiny_cross_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random cross-encoder (fixed seed), saved once per session."""
+    from tests.retrieval._helpers import build_tiny_cross_encoder
+
+    return build_tiny_cross_encoder(tmp_path_factory.mktemp("serve-cross-encoder"))
+
+
+def index_overrides(tiny_embedder: Path) -> list[str]:
+    """Overrides that decide what the test app's index holds (shared by a test's own copy of it)."""
+    return [
+        f"embedder.model={tiny_embedder}",
+        "ingest.runner=local",
+        "ingest.chunker.chunk_tokens=64",
+        "ingest.chunker.overlap_tokens=8",
+    ]
+
+
+@pytest.fixture(scope="session")
+def serve_settings(
+    tmp_path_factory: pytest.TempPathFactory, tiny_embedder: Path, tiny_llm_dir: Path, tiny_lora_dir: Path,
+    tiny_cross_encoder: Path,
+):  # fmt: skip
     """Settings of the test app, with the sample corpus ingested (local runner)."""
     from ragops.config import load_settings
     from ragops.ingest.pipeline import run_ingest
 
     root = tmp_path_factory.mktemp("serve")
     overrides = [
-        f"embedder.model={tiny_embedder}",
-        "ingest.runner=local",
-        "ingest.chunker.chunk_tokens=64",
-        "ingest.chunker.overlap_tokens=8",
+        *index_overrides(tiny_embedder),
+        f"retrieval.rerank.model={tiny_cross_encoder}",
+        f"retrieval.rerank.candidates={RERANK_CANDIDATES}",
         f"generator.model={tiny_llm_dir}",
         "generator.max_new_tokens=8",
         "generator.context_tokens=128",
@@ -94,7 +122,7 @@ def serve_settings(tmp_path_factory: pytest.TempPathFactory, tiny_embedder: Path
         "serve.generator.batch_wait_timeout_s=0.05",
         f"serve.generator.adapters={{tiny-lora: '{tiny_lora_dir}'}}",
     ]
-    for dep in ("ingress", "embedder", "retriever", "generator"):
+    for dep in ("ingress", "embedder", "retriever", "reranker", "generator"):
         overrides += [f"serve.{dep}.num_cpus=0", f"serve.{dep}.torch_threads=1"]
     settings = load_settings([], overrides, data_dir=root / "data", environ={})
     report = run_ingest(settings, [str(SAMPLE_DOCS)])

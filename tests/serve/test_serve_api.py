@@ -174,12 +174,13 @@ def test_anonymous_malformed_request_gets_401_not_400(served: Served) -> None:
 def test_health_metrics_and_page(api: httpx.Client) -> None:
     health = api.get("/healthz").json()
     assert health["status"] == "ok" and health["vectorstore"]["ok"] and health["vectorstore"]["points"] > 0
-    assert set(health["deployments"]) == {"Ingress", "QueryEmbedder", "Retriever", "Generator"}
+    assert set(health["deployments"]) == {"Ingress", "QueryEmbedder", "Retriever", "Reranker", "Generator"}
     api.post("/v1/chat/completions", json=chat_body(max_tokens=3))
     text = api.get("/metrics").text
     for series in ("ragops_http_requests_total", "ragops_http_request_duration_seconds_bucket",
                    "ragops_completion_tokens_total", "ragops_retrieval_duration_seconds_bucket",
-                   "ragops_downstream_inflight_calls", "ragops_http_inflight_requests", "ragops_rejections_total"):  # fmt: skip
+                   "ragops_downstream_inflight_calls", "ragops_http_inflight_requests", "ragops_rejections_total",
+                   "ragops_queue_depth", "ragops_rerank_duration_seconds_bucket"):  # fmt: skip
         assert series in text, series
     page = api.get("/")
     assert page.headers["content-type"].startswith("text/html")

@@ -179,11 +179,19 @@ def test_bad_input_edge_cases(api: httpx.Client) -> None:
 # -- overload and time limits -------------------------------------------------------------
 
 
-def _generator_calls(api: httpx.Client) -> float:
+def _gauge(api: httpx.Client, series: str) -> float:
     for line in api.get("/metrics").text.splitlines():
-        if line.startswith('ragops_downstream_inflight_calls{deployment="generator"}'):
+        if line.startswith(series + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def _generator_calls(api: httpx.Client) -> float:
+    return _gauge(api, 'ragops_downstream_inflight_calls{deployment="generator"}')
+
+
+def _generator_queue(api: httpx.Client) -> float:
+    return _gauge(api, 'ragops_queue_depth{deployment="generator"}')
 
 
 def _wait_for(predicate: Any, timeout: float = 60.0) -> None:
@@ -226,6 +234,38 @@ def test_full_queue_is_503_with_retry_after_and_nothing_is_lost(served: Served, 
     assert set(statuses) <= {200, 503} and statuses.count(200) >= 1  # every accepted request was answered
     _wait_for(lambda: _generator_calls(api) == 0, timeout=30)
     assert "ragops_rejections_total{reason=\"overloaded\"}" in api.get("/metrics").text
+
+
+def test_queue_depth_counts_requests_waiting_for_a_generator_replica(served: Served, api: httpx.Client) -> None:
+    # The generator admits 4 requests (see conftest) and the hold file keeps them there: a 5th
+    # and a 6th (one streamed) wait in the handle's queue until a slot frees.
+    assert _generator_queue(api) == 0
+    served.hold_file.touch()
+    try:
+        with ThreadPoolExecutor(6) as pool, served.client() as c:
+
+            def stream() -> int:
+                with c.stream("POST", "/v1/chat/completions", json=chat_body(max_tokens=2, stream=True)) as r:
+                    r.read()
+                    return r.status_code
+
+            sent = []
+            for i in range(6):
+                if i < 5:
+                    sent.append(pool.submit(lambda: c.post("/v1/chat/completions", json=chat_body(max_tokens=2)).status_code))
+                else:
+                    sent.append(pool.submit(stream))
+                # One at a time, each settled (on the replica or queued) before the next: no refusal.
+                n = i + 1
+                _wait_for(lambda n=n: _generator_calls(api) == n and _generator_queue(api) == max(0, n - 4))
+            assert _generator_queue(api) == 2 and _generator_calls(api) == 6  # 4 held on the replica + 2 queued
+            assert _gauge(api, 'ragops_queue_depth{deployment="embedder"}') == 0
+            served.hold_file.unlink()
+            statuses = [f.result() for f in sent]
+    finally:
+        served.hold_file.unlink(missing_ok=True)
+    assert statuses == [200] * 6
+    _wait_for(lambda: _generator_queue(api) == 0 and _generator_calls(api) == 0, timeout=30)
 
 
 @pytest.mark.parametrize("stream", [False, True])

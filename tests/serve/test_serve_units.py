@@ -59,6 +59,24 @@ def test_gpu_reserved_for_a_cpu_model_is_refused() -> None:
     with pytest.raises(ConfigError, match="generator.device=auto"):
         check_topology(load_settings([], ["serve.generator.num_gpus=0.5"], environ={}))
     check_topology(load_settings([], ["serve.generator.num_gpus=0.5", "generator.device=auto"], environ={}))
+    # The reranker runs on the embedder's device; its GPU matters only when a reranker is configured.
+    check_topology(load_settings([], ["serve.reranker.num_gpus=0.5"], environ={}))
+    with pytest.raises(ConfigError, match="serve.reranker.num_gpus.*embedder.device=auto"):
+        check_topology(load_settings([], ["serve.reranker.num_gpus=0.5", "retrieval.rerank.model=bge-reranker-base"],
+                                     environ={}))  # fmt: skip
+
+
+def test_reranker_settings_and_candidates() -> None:
+    from ragops.serve.backend import candidates_to_fetch
+    from ragops.serve.config import RerankerSettings
+
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        RerankerSettings(max_batch_size=8, max_ongoing_requests=4)
+    s = load_settings([], ["serve.reranker.num_cpus=1", "serve.reranker.autoscaling.max_replicas=3"], environ={})
+    opts = s.serve.reranker.deployment_options()
+    assert opts["ray_actor_options"] == {"num_cpus": 1.0} and opts["autoscaling_config"]["max_replicas"] == 3
+    # As the library's Retriever: the reranker chooses among max(k, candidates) hits.
+    assert candidates_to_fetch(3, 30) == 30 and candidates_to_fetch(40, 30) == 40
 
 
 def test_build_app_refuses_unknown_arguments() -> None:
@@ -240,3 +258,46 @@ def test_scheduler_merges_requests_that_arrive_while_a_batch_runs() -> None:
     results = asyncio.run(scenario())
     assert results == [10, 20, 30, 40, 50, 60, 70, 1000]
     assert batches == [("", [1]), ("", [2, 3, 4, 5]), ("", [6, 7]), ("lora", [100])]
+
+
+def test_backend_sends_the_candidates_to_the_reranker_then_expands() -> None:
+    """The ingress's flow with a reranker: search candidates, rerank to k, then expand neighbours."""
+    import asyncio
+
+    from ragops.serve.backend import Deadline, HandleBackend
+    from ragops.serve.metrics import ServeMetrics
+
+    retrieval = load_settings([], ["retrieval.rerank.model=x", "retrieval.rerank.candidates=7",
+                                   "retrieval.expand_neighbors=1", "retrieval.k=4"], environ={}).retrieval  # fmt: skip
+    backend = HandleBackend(object(), object(), object(), ServeMetrics(), 1, reranker=object(), retrieval=retrieval)
+    calls: list[tuple] = []
+
+    def fake(name: str):  # type: ignore[no-untyped-def]
+        async def call(method: str, *args, deadline, **kw):  # type: ignore[no-untyped-def]
+            calls.append((name, method, *args))
+            return f"{name}.{method}"
+
+        return call
+
+    class Reranked:  # a result with hits, so that expansion runs
+        hits = (1,)
+
+    async def rerank(method: str, *args, deadline, **kw):  # type: ignore[no-untyped-def]
+        calls.append(("reranker", method, *args))
+        return Reranked()
+
+    backend.retriever.call = fake("retriever")  # type: ignore[method-assign]
+    assert backend.reranker is not None
+    backend.reranker.call = rerank  # type: ignore[method-assign]
+
+    async def scenario() -> list:
+        d = Deadline(5.0)
+        return [await backend.search("q", "vec", {"k": 2, "mode": "dense"}, deadline=d),
+                await backend.retrieve("q", "vec", {"k": None}, deadline=d)]  # fmt: skip
+
+    out = asyncio.run(scenario())
+    assert calls[0] == ("retriever", "search", "q", "vec", {"k": 7, "mode": "dense"})  # max(k, candidates)
+    assert calls[1][:2] == ("reranker", "rerank") and calls[1][-1] == 2  # keeps the k asked for
+    assert calls[2] == ("retriever", "search", "q", "vec", {"k": 7})  # default k 4 → 7 candidates
+    assert calls[3][-1] == 4 and calls[4][:2] == ("retriever", "expand")  # expansion after reranking
+    assert out[1] == "retriever.expand"

@@ -22,7 +22,16 @@ from ragops.cluster.kuberay import (
     serve_config_v2,
     to_yaml,
 )
-from ragops.cluster.resources import JOB_KINDS, SERVE_DEPLOYMENTS, Demand, PodShape, Shapes, pack, plan_groups
+from ragops.cluster.resources import (
+    JOB_KINDS,
+    SERVE_DEPLOYMENTS,
+    Demand,
+    PodShape,
+    Shapes,
+    pack,
+    plan_groups,
+    serve_deployments,
+)
 from ragops.config import load_settings
 from ragops.errors import ConfigError
 from tests.ragops.cluster._helpers import REPO, cluster_cli
@@ -172,6 +181,30 @@ def test_service_follows_serve_autoscaling(cluster_settings: Any) -> None:
     assert back == cluster_settings
 
 
+def test_service_lists_the_reranker_only_when_one_is_configured(cluster_settings: Any) -> None:
+    def deployments(settings: Any) -> dict[str, Any]:
+        app = yaml.safe_load(render_service(settings, _opts())["spec"]["serveConfigV2"])["applications"][0]
+        return {d["name"]: d for d in app["deployments"]}
+
+    assert "Reranker" not in deployments(cluster_settings)  # Ray Serve refuses a deployment the app lacks
+    reranking = load_settings(
+        [CLUSTER_YAML],
+        ["retrieval.rerank.model=bge-reranker-base", "serve.reranker.num_gpus=0.5", "serve.reranker.num_cpus=1",
+         "serve.reranker.autoscaling.max_replicas=3", "serve.reranker.max_ongoing_requests=24"],
+        environ={},
+    )  # fmt: skip
+    deps = deployments(reranking)
+    assert list(deps) == ["Ingress", "QueryEmbedder", "Retriever", "Reranker", "Generator"]
+    rr = deps["Reranker"]
+    assert rr["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5}
+    assert rr["autoscaling_config"]["max_replicas"] == 3 and rr["max_ongoing_requests"] == 24
+    # Its replicas are sized into the GPU group: 4 generators (1 GPU) + 3 rerankers (0.5 GPU) on 1-GPU pods.
+    svc = render_service(reranking, _opts())
+    assert _group(svc, "gpu-workers")["maxReplicas"] == 6
+    back = load_settings([], yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"][0]["args"]["set"], environ={})
+    assert back == reranking
+
+
 def test_serve_config_is_valid_for_ray_serve(cluster_settings: Any) -> None:
     schema = pytest.importorskip("ray.serve.schema")
     cfg = schema.ServeDeploySchema.model_validate(serve_config_v2(cluster_settings))
@@ -183,11 +216,14 @@ def test_deployment_names_match_the_serve_app() -> None:
         from ragops.serve.embedder import QueryEmbedder
         from ragops.serve.generator import GeneratorDeployment
         from ragops.serve.ingress import Ingress
+        from ragops.serve.reranker import RerankerDeployment
         from ragops.serve.retriever import RetrieverDeployment
     except ImportError as exc:  # pragma: no cover - serve app not importable here
         pytest.skip(f"ragops.serve not importable: {exc}")
     names = {d.name for d in (Ingress, QueryEmbedder, RetrieverDeployment, GeneratorDeployment)}
     assert names == set(SERVE_DEPLOYMENTS.values())
+    reranking = load_settings([], ["retrieval.rerank.model=bge-reranker-base"], environ={})
+    assert set(serve_deployments(reranking).values()) == names | {RerankerDeployment.name}
 
 
 def test_secrets_are_references_never_values(cluster_settings: Any) -> None:
