@@ -92,6 +92,9 @@ def bench_throughput(args: argparse.Namespace, work: Path) -> dict:
     from ragops.embeddings import TextEmbedder
 
     corpus = make_corpus(work / "corpus", args.docs)
+    # A fresh index: a data dir left by an earlier (or killed) run would make the "first"
+    # ingest mostly a re-ingest.
+    shutil.rmtree(work / "data", ignore_errors=True)
     extra = list(args.set or [])
     settings = settings_for(work / "data", extra)
     texts = chunk_texts(settings, corpus)
@@ -148,6 +151,7 @@ def bench_memory(args: argparse.Namespace, work: Path) -> list[dict]:
     rows = []
     for n in (args.docs, args.docs * 10):
         corpus = make_corpus(work / f"corpus{n}", n)
+        shutil.rmtree(work / f"data{n}", ignore_errors=True)  # a fresh index each time
         res = subprocess.run(
             [sys.executable, "-c", MEMORY_CHILD, str(corpus), str(work / f"data{n}"), *(args.set or [])],
             capture_output=True, text=True, check=True,
