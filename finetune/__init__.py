@@ -1,4 +1,4 @@
-"""Fine-tuning on Ray Train: datasets, SFT with LoRA, reward models, checkpoints, publishing.
+"""Fine-tuning on Ray Train: datasets, SFT with LoRA, reward models, PPO, checkpoints, publishing.
 
 Modules (heavy libraries are imported inside functions, so importing any of these is cheap):
 
@@ -8,6 +8,12 @@ Modules (heavy libraries are imported inside functions, so importing any of thes
 * :mod:`.session`, :mod:`.callbacks`, :mod:`.runner` — the Ray Train wiring shared by every
   trainer (``run_on_ray``), the in-process runner, checkpoints and run records;
 * :mod:`.hf`, :mod:`.sft`, :mod:`.reward` — the TRL-based train loops;
-* :mod:`.train` — ``ragops train sft|reward``: data → run → publish;
+* :mod:`.train` — ``ragops train sft|reward``: data → run → publish (:func:`~.train._execute`
+  is shared with PPO);
+* PPO (our own loop: TRL 1.x has no PPO trainer): :mod:`.ppo_math` (GAE, clipped losses, KL
+  estimates, whitening), :mod:`.kl` (fixed / adaptive KL controllers), :mod:`.rewards` (reward
+  functions: reward model, ``rag``, ``mix``, plugins), :mod:`.prompts` (prompt files and chat
+  feedback), :mod:`.ppo` (the train loop), :mod:`.rollout` (the optional rollout actor pool),
+  :mod:`.ppo_train` (``ragops train ppo``: prompts → run → publish);
 * :mod:`.gate` — the evaluation gate of ``ragops models promote``.
 """

@@ -154,9 +154,13 @@ class FaultInjection(TrainerCallback):
                 return
             time.sleep(0.2)
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step == self.step and self.world_rank == self.rank and not self.marker.exists():
+    def maybe_fire(self, step: int) -> None:
+        """Die now if this is the step and the rank, and the fault has not fired yet (custom loops call it)."""
+        if step == self.step and self.world_rank == self.rank and not self.marker.exists():
             self._wait_for_checkpoint()
             self.marker.parent.mkdir(parents=True, exist_ok=True)
             self.marker.write_text(f"killed at step {self.step} (pid {os.getpid()})\n")
             os._exit(17)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.maybe_fire(state.global_step)

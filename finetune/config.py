@@ -11,6 +11,7 @@ Every key can be set like any other setting: ``--set finetune.sft.learning_rate=
       workers: 2
       lora: {r: 16, alpha: 32}
       sft: {max_steps: 200, batch_size: 4, max_length: 1024}
+      ppo: {max_steps: 100, batch_size: 8, kl: {mode: adaptive, target: 6}, reward: {name: rag}}
 """
 
 from __future__ import annotations
@@ -91,6 +92,110 @@ class RewardSettings(TrainerSettings):
     )
 
 
+class KLSettings(_Strict):
+    """The KL penalty that holds the policy near the reference (the base without the adapter)."""
+
+    mode: Literal["fixed", "adaptive"] = Field(
+        "adaptive", description="'adaptive': Ziegler et al. 2019 proportional controller; 'fixed': constant coefficient."
+    )
+    init_coef: float = Field(0.05, ge=0, description="Starting KL coefficient β.")
+    target: float = Field(6.0, gt=0, description="Adaptive: target KL per answer (nats, summed over its tokens).")
+    horizon: int = Field(10000, ge=1, description="Adaptive: answers over which the KL error is corrected.")
+    estimator: Literal["k1", "k3"] = Field(
+        "k1", description="Per-token KL estimate in the reward: 'k1' = logπ - logπ_ref; 'k3' = (ρ-1) - log ρ."
+    )
+
+
+class RagRewardSettings(_Strict):
+    """The ``rag`` reward: answers supported by, and citing, the passages the prompt was built with."""
+
+    min_support: float = Field(
+        0.5, ge=0, le=1, description="Share of a sentence's content words a passage must contain to support it."
+    )
+    min_claim_words: int = Field(2, ge=1, description="Sentences with fewer content words are not judged as claims.")
+    support_weight: float = Field(1.0, ge=0, description="Weight of the mean support of the answer's claims.")
+    citation_bonus: float = Field(0.5, ge=0, description="Per claim citing a passage that supports it.")
+    uncited_penalty: float = Field(0.5, ge=0, description="Per claim without any [n] citation.")
+    wrong_citation_penalty: float = Field(0.5, ge=0, description="Per claim whose citations point at no supporting passage.")
+    empty_penalty: float = Field(1.0, ge=0, description="Reward of an empty answer is minus this.")
+    runaway_penalty: float = Field(0.5, ge=0, description="Subtracted when the answer hit max_new_tokens without ending.")
+
+
+class PPORewardSettings(_Strict):
+    """Which reward scores the rollouts (``--reward`` overrides ``name``)."""
+
+    name: str = Field(
+        "rag",
+        description="'rag', 'mix', a reward-model artifact or alias in the registry (e.g. rm-latest), or "
+        "'package.module:Class' (a plain class with score(samples) -> list[float]).",
+    )
+    mix: dict[str, float] = Field(
+        default_factory=lambda: {"rag": 1.0, "rm-latest": 1.0},
+        description="'mix': weight per component reward (any name 'name' accepts except 'mix').",
+    )
+    clip: float | None = Field(10.0, gt=0, description="Scores are clipped to ±clip (None: no clip).")
+    rag: RagRewardSettings = Field(default_factory=RagRewardSettings)
+
+    @model_validator(mode="after")
+    def _mix_is_flat(self) -> PPORewardSettings:
+        if "mix" in self.mix:
+            raise ValueError("finetune.ppo.reward.mix cannot contain 'mix'")
+        if not self.mix:
+            raise ValueError("finetune.ppo.reward.mix needs at least one component")
+        return self
+
+
+class RolloutSettings(_Strict):
+    """Where rollouts are sampled."""
+
+    where: Literal["workers", "actors"] = Field(
+        "workers",
+        description="'workers': each training worker samples its own rollouts; 'actors': a separate Ray actor pool "
+        "samples them with the current adapter (e.g. GPU actors for generation, CPU workers for updates).",
+    )
+    actors: int = Field(1, ge=1, description="'actors': pool size (shared by all training workers).")
+    cpus_per_actor: float = Field(1.0, gt=0, description="'actors': CPUs reserved per actor (also its torch threads).")
+    gpus_per_actor: float = Field(0.0, ge=0, description="'actors': GPUs per actor.")
+
+
+class PPOSettings(_Strict):
+    """RLHF-style PPO: LoRA policy, reference = adapter disabled, value head, KL-penalised reward."""
+
+    max_steps: int = Field(100, ge=1, description="PPO steps (one rollout batch and its updates each).")
+    batch_size: int = Field(8, ge=1, description="Prompts per worker per step (the rollout batch).")
+    minibatch_size: int = Field(4, ge=1, description="Rollouts per gradient step within a PPO epoch.")
+    ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout batch.")
+    learning_rate: float = Field(5e-5, gt=0, description="AdamW learning rate (constant).")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm (adapter + value head).")
+    max_prompt_tokens: int = Field(1024, ge=8, description="Longer prompts keep their last tokens (the question).")
+    max_new_tokens: int = Field(64, ge=1, description="Answer length cap; an answer that hits it is 'runaway'.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (log-probs use the same).")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off; PPO's ratios assume the full distribution).")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount in GAE.")
+    lam: float = Field(0.95, ge=0, le=1, description="λ in GAE.")
+    clip_range: float = Field(0.2, gt=0, description="ε of the clipped surrogate.")
+    value_clip: float | None = Field(0.2, gt=0, description="ε of the clipped value loss (None: unclipped).")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss (the value head shares the policy's trunk).")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight (entropy is always logged).")
+    whiten_advantages: bool = Field(True, description="Whiten advantages over the whole rollout batch (all workers).")
+    target_approx_kl: float | None = Field(
+        0.1, gt=0, description="Stop the step's remaining updates when an update's approximate KL exceeds this."
+    )
+    kl: KLSettings = Field(default_factory=KLSettings)
+    reward: PPORewardSettings = Field(default_factory=PPORewardSettings)
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+    save_steps: int = Field(10, ge=1, description="Checkpoint every N steps (and at the end).")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="'auto': bf16 on capable GPUs, fp32 on CPU.")
+    seed: int = Field(0, description="Seeds the adapter, the value head, prompt order and sampling (per step).")
+
+    @model_validator(mode="after")
+    def _minibatch_fits(self) -> PPOSettings:
+        if self.minibatch_size > self.batch_size:
+            raise ValueError("finetune.ppo.minibatch_size must not exceed finetune.ppo.batch_size")
+        return self
+
+
 class DataSettings(_Strict):
     """How training files become examples."""
 
@@ -105,7 +210,7 @@ class DataSettings(_Strict):
 
 
 class FinetuneConfig(_Strict):
-    """Fine-tuning on Ray Train: SFT with LoRA, reward models, checkpoints and the artifact registry."""
+    """Fine-tuning on Ray Train: SFT with LoRA, reward models, PPO, checkpoints and the artifact registry."""
 
     base_model: str | None = Field(
         None, description="Model to fine-tune (registry name or path); None uses generator.model."
@@ -113,6 +218,7 @@ class FinetuneConfig(_Strict):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     sft: SFTSettings = Field(default_factory=SFTSettings)
     reward: RewardSettings = Field(default_factory=RewardSettings)
+    ppo: PPOSettings = Field(default_factory=PPOSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     runner: Literal["ray", "local"] = Field(
         "ray", description="'ray' runs Ray Train workers; 'local' trains in this process (one worker, no Ray)."

@@ -196,8 +196,12 @@ def _norm(text: str) -> str:
     return " ".join(_WORD.findall(text.lower()))
 
 
-def _content_words(text: str) -> set[str]:
+def content_words(text: str) -> set[str]:
+    """Lower-cased words longer than two letters that are not stop words (what overlap counts)."""
     return {w for w in _WORD.findall(text.lower()) if len(w) > 2 and w not in _STOP}
+
+
+_content_words = content_words
 
 
 def supporting_passages(answer: str, passages: Sequence[Passage], *, min_overlap: float = 0.6) -> list[int]:

@@ -1,6 +1,6 @@
-"""``ragops train sft|reward``: data → run → Ray Train (or in-process) → published artifact.
+"""``ragops train sft|reward|ppo``: data → run → Ray Train (or in-process) → published artifact.
 
-:func:`train` is the one function the CLI calls. It
+:func:`train` (SFT, reward model) and :func:`train_ppo` are what the CLI calls. Both
 
 1. resolves the base model (and converts a GGUF base to safetensors once, see
    :func:`~ragops.finetune.models.materialize_base`);
@@ -10,7 +10,9 @@
    checkpoint folder to start a new run from);
 4. runs the train loop on Ray Train (:func:`~ragops.finetune.runner.run_on_ray`) or in-process;
 5. publishes the adapter to the registry under the run's id, moving ``sft-latest`` /
-   ``reward-latest`` / ``rm-latest``, and closes the run record.
+   ``reward-latest`` / ``rm-latest`` / ``ppo-latest``, and closes the run record.
+
+Steps 3-5 are :func:`_execute`, shared by every kind.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ragops.runs import RunRecord, RunStore
 
 log = logging.getLogger(__name__)
 
-TrainKind = Literal["sft", "reward"]
+TrainKind = Literal["sft", "reward", "ppo"]
 Progress = Callable[[dict[str, Any]], None]
 #: Chaos drill: ``RAGOPS_TRAIN_FAULT="step=3,rank=1,marker=.ragops/killed"`` kills that worker once.
 FAULT_ENV = "RAGOPS_TRAIN_FAULT"
@@ -108,8 +110,7 @@ def _with_overrides(
     if use_gpu is not None:
         updates["use_gpu"] = use_gpu
     if max_steps is not None:
-        section = ft.sft if kind == "sft" else ft.reward
-        updates[kind] = section.model_copy(update={"max_steps": max_steps})
+        updates[kind] = getattr(ft, kind).model_copy(update={"max_steps": max_steps})
     if not updates:
         return settings
     data = ft.model_dump()
@@ -124,7 +125,7 @@ def _resolve_resume(store: RunStore, resume: str, kind: str, data_hash: str) -> 
     path = Path(resume).expanduser()
     if path.is_dir() and (path / RunStore.RECORD).is_file():
         return store.get(path.name), None
-    if path.is_dir() and ((path / "trainer_state.json").is_file() or (path / "checkpoint" / "trainer_state.json").is_file()):
+    if path.is_dir() and any((path / f).is_file() for f in ("trainer_state.json", "checkpoint/trainer_state.json", "ppo_state.json")):
         return None, str(path.resolve())
     if not path.exists():
         try:
@@ -133,7 +134,7 @@ def _resolve_resume(store: RunStore, resume: str, kind: str, data_hash: str) -> 
             pass
     raise InputError(
         f"--resume '{resume}': expected 'auto', a run folder (holding run.json), a run id, or a checkpoint "
-        "folder (holding trainer_state.json)"
+        "folder (holding trainer_state.json, or ppo_state.json for PPO)"
     )
 
 
@@ -214,7 +215,6 @@ def train(
         resolve_base,
     )
     from ragops.finetune.reward import reward_train_loop
-    from ragops.finetune.runner import Scaling, run_local, run_on_ray
     from ragops.finetune.sft import sft_train_loop
 
     if kind not in ("sft", "reward"):
@@ -241,18 +241,74 @@ def train(
     }  # fmt: skip
     emit("data", data_info)
 
+    loop = sft_train_loop if kind == "sft" else reward_train_loop
+    loop_config: dict[str, Any] = {
+        "base": source.to_dict(),
+        "train": train_ex,
+        "eval": eval_ex,
+        kind: section.model_dump(mode="json"),
+        "lora": ft.lora.model_dump(mode="json"),
+        "use_gpu": ft.use_gpu,
+        "num_to_keep": ft.num_to_keep,
+    }
+    return _execute(
+        settings, kind, base_name=base_name, data_info=data_info, loop=loop, loop_config=loop_config,
+        run_config={kind: section.model_dump(mode="json"), "lora": ft.lora.model_dump(mode="json")},
+        resume=resume, tags=tags, parent=parent, progress=progress, emit=emit, fault=fault,
+        task="causal-lm" if kind == "sft" else "seq-cls", resume_hint=f"ragops train {kind} --data ...",
+    )  # fmt: skip
+
+
+def _execute(
+    settings: Settings,
+    kind: str,
+    *,
+    base_name: str,
+    data_info: dict[str, Any],
+    loop: Callable[[dict[str, Any], Any], None],
+    loop_config: dict[str, Any],
+    run_config: dict[str, Any],
+    resume: str | None,
+    tags: Mapping[str, str] | None,
+    parent: str | None,
+    progress: Progress | None,
+    emit: Callable[[str, dict[str, Any]], None],
+    fault: Mapping[str, Any] | None,
+    task: str,
+    resume_hint: str,
+    publish_config: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Run record → train loop (Ray Train or in-process) → published artifact: shared by every kind.
+
+    Args:
+        settings: Full settings (``finetune`` section, already overridden).
+        kind: ``sft``, ``reward`` or ``ppo``.
+        base_name: The base model as configured (recorded in the run and the artifact).
+        data_info: ``{"files", "hash", ...}`` of the training data (``hash`` identifies it for resume).
+        loop, loop_config: The train loop and its config (``fault`` is added here).
+        run_config: Settings recorded with the run (and the artifact).
+        resume, tags, parent, progress, emit, fault: See :func:`train`.
+        task: The artifact's task (``causal-lm`` or ``seq-cls``).
+        resume_hint: The command that continues a failed run (for the error message).
+        publish_config: Extra lineage recorded in the artifact's config.
+    """
+    from ragops.finetune.runner import Scaling, run_local, run_on_ray
+
+    ft = settings.finetune
+    data_hash = data_info["hash"]
+
     store = RunStore.from_settings(settings)
     scaling = Scaling(workers=ft.workers, use_gpu=ft.use_gpu, cpus_per_worker=ft.cpus_per_worker)
     rec, init_checkpoint = (None, None)
     if resume:
-        rec, init_checkpoint = _resolve_resume(store, resume, kind, built.hash)
+        rec, init_checkpoint = _resolve_resume(store, resume, kind, data_hash)
     resumed = rec is not None
     if rec is not None:
         if rec.kind != kind:
             raise InputError(f"run {rec.run_id} is a {rec.kind} run, not {kind}")
         if rec.status == "finished":
             raise InputError(f"run {rec.run_id} already finished (artifact {rec.artifact}); nothing to resume")
-        if rec.data.get("hash") != built.hash:
+        if rec.data.get("hash") != data_hash:
             raise InputError(f"run {rec.run_id} was trained on different data (hash {rec.data.get('hash', '?')[:12]}…)")
         merged_tags = {**rec.tags, **dict(tags or {})}
         rec = store.update(
@@ -264,22 +320,16 @@ def train(
             kind,
             base_model=base_name,
             data=data_info,
-            config={kind: section.model_dump(mode="json"), "lora": ft.lora.model_dump(mode="json")},
+            config=run_config,
             scaling={"runner": ft.runner, **scaling.to_dict()},
             tags=dict(tags or {}),
             parent=parent,
         )
     emit("run", {"run_id": rec.run_id, "resumed": resumed, "run_dir": store.run_uri(rec.run_id), "init_checkpoint": init_checkpoint})
 
-    loop = sft_train_loop if kind == "sft" else reward_train_loop
-    loop_config: dict[str, Any] = {
-        "base": source.to_dict(),
-        "train": train_ex,
-        "eval": eval_ex,
-        kind: section.model_dump(mode="json"),
-        "lora": ft.lora.model_dump(mode="json"),
-        "use_gpu": ft.use_gpu,
-        "num_to_keep": ft.num_to_keep,
+    loop_config = {
+        **loop_config,
+        "run_id": rec.run_id,
         "fault": {"store_root": store.uri, "run_id": rec.run_id, **fault} if fault else None,
     }
     tail = _Tail(store, rec.run_id, progress) if progress else None
@@ -310,7 +360,7 @@ def train(
             raise cause from None
         raise TrainingFailed(
             f"training run {rec.run_id} failed: {message[:300]}. Its checkpoints are kept: continue it with "
-            f"`ragops train {kind} --data ... --resume auto` (or --resume {store.run_uri(rec.run_id)})"
+            f"`{resume_hint} --resume auto` (or --resume {store.run_uri(rec.run_id)})"
         ) from exc
     finally:
         if tail:
@@ -329,11 +379,11 @@ def train(
         kind=kind,
         name=rec.run_id,
         base_model=base_name,
-        task="causal-lm" if kind == "sft" else "seq-cls",
+        task=task,
         parent=parent,
         run_id=rec.run_id,
-        data_hash=built.hash,
-        config={**rec.config, "scaling": rec.scaling},
+        data_hash=data_hash,
+        config={**rec.config, "scaling": rec.scaling, **dict(publish_config or {})},
         metrics=metrics,
         tags=rec.tags,
     )

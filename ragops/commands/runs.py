@@ -3,7 +3,8 @@
 Registered by the CLI as ``app.add_typer(runs_app, name="runs")``:
 
 * ``list [--tag k=v]... [--kind sft|reward]`` — runs, newest last;
-* ``show RUN`` — the record and its per-step metrics (loss, learning rate, tokens/s, eval loss);
+* ``show RUN`` — the record and its per-step metrics (loss, learning rate, tokens/s, eval loss;
+  PPO: reward, KL, KL coefficient, entropy);
 * ``compare A B`` — final metrics side by side, with the settings that differ.
 
 RUN may be a run id, a unique prefix of one, or the artifact name the run published.
@@ -12,7 +13,7 @@ RUN may be a run id, a unique prefix of one, or the artifact name the run publis
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Column, Table
@@ -35,6 +36,8 @@ runs_app = typer.Typer(help="Training runs: list, show per-step metrics, compare
 _STEP_COLUMNS = {
     "step": "step", "loss": "loss", "learning_rate": "lr", "grad_norm": "grad", "tokens_per_s": "tok/s",
     "samples_per_s": "samples/s", "step_time_s": "s/step", "eval_loss": "eval_loss", "eval_accuracy": "eval_acc",
+    # PPO
+    "reward": "reward", "kl": "kl", "kl_coef": "β", "entropy": "entropy", "approx_kl": "approx_kl",
 }  # fmt: skip
 
 
@@ -49,8 +52,8 @@ def _cell(v: Any) -> str:
 @runs_app.command("list")
 @handle_errors
 def runs_list(
-    tag: Annotated[Optional[list[str]], typer.Option("--tag", help="Only runs with this key=value tag (repeatable).")] = None,
-    kind: Annotated[Optional[str], typer.Option("--kind", help="Only runs of this kind (sft, reward, ppo).")] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="Only runs with this key=value tag (repeatable).")] = None,
+    kind: Annotated[str | None, typer.Option("--kind", help="Only runs of this kind (sft, reward, ppo).")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     data_dir: DataDirOpt = None,

@@ -1,16 +1,18 @@
-"""``ragops train sft|reward``: fine-tune on Ray Train and publish the result to the registry.
+"""``ragops train sft|reward|ppo``: fine-tune on Ray Train and publish the result to the registry.
 
-Registered by the CLI as ``app.add_typer(train_app, name="train")``. Progress (step, loss,
-eval loss, tokens/s) is drawn on stderr; the summary names the published artifact and its
-aliases (``--json`` prints it as JSON on stdout).
+Registered by the CLI as ``app.add_typer(train_app, name="train")``. Progress is drawn on
+stderr (SFT / reward: step, loss, eval loss, tokens/s; PPO: step, mean reward, KL, KL
+coefficient, entropy, tokens/s); the summary names the published artifact and its aliases
+(``--json`` prints it as JSON on stdout). The three commands share :func:`_run_training`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -29,7 +31,7 @@ from ragops.commands.common import (
 )
 
 train_app = typer.Typer(
-    help="Fine-tune on Ray Train: SFT with LoRA on RAG-grounded answers, or a reward model on preferences.",
+    help="Fine-tune on Ray Train: SFT with LoRA on RAG-grounded answers, a reward model on preferences, or PPO.",
     no_args_is_help=True,
 )
 
@@ -37,26 +39,103 @@ DataOpt = Annotated[
     list[str], typer.Option("--data", help="Training data: a .jsonl file, a folder of them, or a glob (repeatable).")
 ]
 BaseOpt = Annotated[
-    Optional[str], typer.Option("--base", help="Base model: registry name or path (default: finetune.base_model, else generator.model).")
+    str | None, typer.Option("--base", help="Base model: registry name or path (default: finetune.base_model, else generator.model).")
 ]
 WorkersOpt = Annotated[
-    Optional[int], typer.Option("--workers", min=1, help="Ray Train workers (data-parallel; DDP over gloo on CPU).")
+    int | None, typer.Option("--workers", min=1, help="Ray Train workers (data-parallel; DDP over gloo on CPU).")
 ]
 GpuOpt = Annotated[bool, typer.Option("--gpu", help="One GPU per worker (NCCL); QLoRA needs it.")]
-MaxStepsOpt = Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Optimizer steps (overrides epochs).")]
+MaxStepsOpt = Annotated[int | None, typer.Option("--max-steps", min=1, help="Optimizer steps (overrides epochs).")]
 ResumeOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--resume",
         help="'auto': continue the latest interrupted run of this kind on the same data; or a run folder / run id, "
         "or a checkpoint folder to start from.",
     ),
 ]
-TagOpt = Annotated[Optional[list[str]], typer.Option("--tag", help="key=value tag stored with the run (repeatable).")]
+TagOpt = Annotated[list[str] | None, typer.Option("--tag", help="key=value tag stored with the run (repeatable).")]
 
 
 def _fmt(value: Any, spec: str = ".4g") -> str:
     return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+#: Per-kind progress: (header template, {field: (row key, format)}).
+_PROGRESS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
+    "sft": (
+        "steps · loss {task.fields[loss]} · eval {task.fields[eval]} · {task.fields[tps]} tok/s · {task.fields[note]}",
+        {"loss": ("loss", ".4g"), "eval": ("eval_loss", ".4g"), "tps": ("tokens_per_s", ".0f")},
+    ),
+    "ppo": (
+        (
+            "steps · reward {task.fields[reward]} · KL {task.fields[kl]} (β {task.fields[beta]}) · entropy {task.fields[ent]}"
+            " · {task.fields[tps]} tok/s · {task.fields[note]}"
+        ),
+        {"reward": ("reward", ".3f"), "kl": ("kl", ".3g"), "beta": ("kl_coef", ".3g"), "ent": ("entropy", ".3g"),
+         "tps": ("tokens_per_s", ".0f")},
+    ),
+}  # fmt: skip
+_PROGRESS["reward"] = _PROGRESS["sft"]
+
+
+def _run_training(kind: str, call: Callable[[Callable[[dict[str, Any]], None], Callable[[str, dict[str, Any]], None]], Any], as_json: bool) -> None:
+    """Shared body of ``train sft|reward|ppo``: progress on stderr, then the summary (or JSON).
+
+    Args:
+        kind: ``sft``, ``reward`` or ``ppo`` (picks the progress fields).
+        call: Runs the training with ``(progress, on_event)`` callbacks; returns a ``TrainResult``.
+        as_json: Print the summary as JSON on stdout.
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    header, fields_of = _PROGRESS[kind]
+    progress = Progress(
+        TextColumn(f"[bold]{kind}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn(header), TimeElapsedColumn(),
+        console=err, transient=True,
+    )  # fmt: skip
+    state: dict[str, Any] = {name: "-" for name in fields_of}
+    state["note"] = "preparing data"
+
+    with progress:
+        task = progress.add_task(kind, total=None, **state)
+
+        def on_event(stage: str, info: dict[str, Any]) -> None:
+            if stage == "data":
+                if kind == "ppo":
+                    note = f"{info['train_examples']} prompts ({info.get('with_passages', 0)} with passages)"
+                else:
+                    note = f"{info['train_examples']} train / {info['eval_examples']} eval examples"
+                err.print(f"data: {info['records']} records → {note}" + (f", {info['retrieved']} retrieved" if info.get("retrieved") else ""))
+                progress.update(task, note="starting workers")
+            elif stage == "run":
+                verb = "resuming" if info["resumed"] else "run"
+                err.print(f"{verb} {info['run_id']} → {info['run_dir']}")
+            elif stage == "publish":
+                progress.update(task, note="published")
+
+        def on_step(row: dict[str, Any]) -> None:
+            fields: dict[str, Any] = {"note": "training"}
+            for name, (key, spec) in fields_of.items():
+                if key in row:
+                    fields[name] = _fmt(row[key], spec)
+            progress.update(task, completed=row.get("step", 0), total=row.get("max_steps") or None, **fields)
+
+        # Ray prints worker-death notices (and libraries their chatter) on stdout: keep stdout
+        # for the summary / --json alone.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = call(on_step, on_event)
+    summary = result.to_dict()
+    if as_json:
+        emit_json(summary)
+        return
+    _print_summary(summary)
 
 
 def _run(
@@ -73,65 +152,18 @@ def _run(
     data_dir: Path | None,
     as_json: bool,
 ) -> None:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
     from ragops.finetune.train import train
 
     settings = settings_from(config, set_, data_dir)
     tags = parse_tags(tag)
-    progress = Progress(
-        TextColumn(f"[bold]{kind}[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("steps · loss {task.fields[loss]} · eval {task.fields[eval]} · {task.fields[tps]} tok/s · {task.fields[note]}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    )
-    state: dict[str, Any] = {"loss": "-", "eval": "-", "tps": "-", "note": "preparing data"}
-
-    with progress:
-        task = progress.add_task(kind, total=None, **state)
-
-        def on_event(stage: str, info: dict[str, Any]) -> None:
-            if stage == "data":
-                note = f"{info['train_examples']} train / {info['eval_examples']} eval examples"
-                err.print(f"data: {info['records']} records → {note}" + (f", {info['retrieved']} retrieved" if info.get("retrieved") else ""))
-                progress.update(task, note="starting workers")
-            elif stage == "run":
-                verb = "resuming" if info["resumed"] else "run"
-                err.print(f"{verb} {info['run_id']} → {info['run_dir']}")
-            elif stage == "publish":
-                progress.update(task, note="published")
-
-        def on_step(row: dict[str, Any]) -> None:
-            fields: dict[str, Any] = {"note": "training"}
-            if "loss" in row:
-                fields["loss"] = _fmt(row["loss"])
-            if "eval_loss" in row:
-                fields["eval"] = _fmt(row["eval_loss"])
-            if "tokens_per_s" in row:
-                fields["tps"] = _fmt(row["tokens_per_s"], ".0f")
-            progress.update(task, completed=row.get("step", 0), total=row.get("max_steps") or None, **fields)
-
-        # Ray prints worker-death notices (and libraries their chatter) on stdout: keep stdout
-        # for the summary / --json alone.
-        with contextlib.redirect_stdout(sys.stderr):
-            result = train(
-                settings, kind, data, base_model=base, workers=workers, use_gpu=True if gpu else None,  # type: ignore[arg-type]
-                max_steps=max_steps, resume=resume, tags=tags, progress=on_step, on_event=on_event,
-            )  # fmt: skip
-    summary = result.to_dict()
-    if as_json:
-        emit_json(summary)
-        return
-    _print_summary(summary)
+    _run_training(
+        kind,
+        lambda on_step, on_event: train(
+            settings, kind, data, base_model=base, workers=workers, use_gpu=True if gpu else None,  # type: ignore[arg-type]
+            max_steps=max_steps, resume=resume, tags=tags, progress=on_step, on_event=on_event,
+        ),
+        as_json,
+    )  # fmt: skip
 
 
 def _print_summary(d: dict[str, Any]) -> None:
@@ -142,14 +174,24 @@ def _print_summary(d: dict[str, Any]) -> None:
     if d["resumed"]:
         table.add_row("resumed", "yes")
     m = d["metrics"]
-    for key in ("train_loss", "final_loss", "eval_loss", "eval_perplexity", "initial_eval_pairwise_accuracy", "eval_pairwise_accuracy", "train_time_s", "peak_rss_mb"):
+    keys = (
+        "train_loss", "final_loss", "eval_loss", "eval_perplexity", "initial_eval_pairwise_accuracy", "eval_pairwise_accuracy",
+        "initial_reward", "final_reward", "final_kl", "kl_coef", "final_entropy", "train_time_s", "peak_rss_mb",
+    )  # fmt: skip
+    for key in keys:
         if key in m:
             table.add_row(key, _fmt(m[key]))
-    table.add_row("data", f"{d['data']['train_examples']} train / {d['data']['eval_examples']} eval examples (hash {d['data']['hash'][:12]})")
+    if d["kind"] == "ppo":
+        table.add_row("prompts", f"{d['data']['train_examples']} (hash {d['data']['hash'][:12]})")
+    else:
+        table.add_row("data", f"{d['data']['train_examples']} train / {d['data']['eval_examples']} eval examples (hash {d['data']['hash'][:12]})")
     if d["tags"]:
         table.add_row("tags", ", ".join(f"{k}={v}" for k, v in d["tags"].items()))
     out.print(table)
-    out.print(f"use it: ragops ask --model {d['artifact']} \"...\"" if d["kind"] == "sft" else f"reward model: {d['artifact']}")
+    if d["kind"] == "reward":
+        out.print(f"reward model: {d['artifact']} (use it: ragops train ppo --reward {d['artifact']} ...)")
+    else:
+        out.print(f"use it: ragops ask --model {d['artifact']} \"...\"")
 
 
 @train_app.command("sft")
@@ -197,3 +239,59 @@ def train_reward(
     published as reward-YYYYMMDD-HHMM-xxxx; reward-latest and rm-latest move to it.
     """
     _run("reward", data, base, workers, gpu, max_steps, resume, tag, config, set_, data_dir, as_json)
+
+
+@train_app.command("ppo")
+@handle_errors
+def train_ppo(
+    prompts: Annotated[
+        str,
+        typer.Option(
+            "--prompts",
+            help="Prompts: a .jsonl file/folder/glob of {\"prompt\"} or {\"question\", \"contexts\" | \"retrieve\": true} "
+            "records, or 'feedback' (the questions of the chat endpoint's feedback records).",
+        ),
+    ],
+    base: BaseOpt = None,
+    init: Annotated[
+        str | None, typer.Option("--init", help="Start from this adapter: an SFT artifact, alias (sft-latest) or folder.")
+    ] = None,
+    reward: Annotated[
+        str | None,
+        typer.Option(
+            "--reward",
+            help="'rag' (grounded, cited answers), 'mix' (weights in finetune.ppo.reward.mix), a reward model "
+            "in the registry (e.g. rm-latest) or package.module:Class (default: finetune.ppo.reward.name).",
+        ),
+    ] = None,
+    workers: WorkersOpt = None,
+    gpu: GpuOpt = False,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="PPO steps (rollout batch + updates).")] = None,
+    resume: ResumeOpt = None,
+    tag: TagOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """RLHF-style PPO: a LoRA policy sampled on prompts, rewarded, held near the base by a KL penalty.
+
+    Each step samples answers on every worker, scores them (reward model, the RAG-grounded
+    reward or a mix), computes the KL to the base model (the same weights with the adapter
+    switched off), GAE advantages and several epochs of clipped PPO updates (DDP across
+    workers). Progress shows the mean reward, KL, KL coefficient, entropy and tokens/s. The
+    adapter (with its value head) is published as ppo-YYYYMMDD-HHMM-xxxx; ppo-latest moves to it.
+    """
+    from ragops.finetune.ppo_train import train_ppo as run_ppo
+
+    settings = settings_from(config, set_, data_dir)
+    tags = parse_tags(tag)
+    _run_training(
+        "ppo",
+        lambda on_step, on_event: run_ppo(
+            settings, prompts, base_model=base, init=init, reward=reward, workers=workers,
+            use_gpu=True if gpu else None, max_steps=max_steps, resume=resume, tags=tags, progress=on_step,
+            on_event=on_event,
+        ),
+        as_json,
+    )  # fmt: skip

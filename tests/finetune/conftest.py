@@ -132,3 +132,55 @@ def ft_settings(tmp_path: Path, tiny_base: Path) -> Callable[..., Any]:
 def metrics_by_step(rows: Iterable[Mapping[str, Any]]) -> dict[int, dict[str, Any]]:
     """Training rows (with a loss) keyed by step."""
     return {int(r["step"]): dict(r) for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="session")
+def ppo_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with larger initial weights (``initializer_range=0.3``), for PPO.
+
+    With the default 0.02 the frozen output layer keeps every token's probability near
+    1/vocab whatever the adapter does, so no policy can learn; at 0.3 the logits spread enough
+    for a LoRA adapter to move probability mass (the toy task's answers contain the target
+    about 15% of the time before training).
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("ppo-base")
+    tokenizer = _train_tokenizer()
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.3,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+#: PPO overrides for the tiny model (after FAST).
+PPO_FAST = (
+    "finetune.lora.r=8",
+    "finetune.lora.alpha=16",
+    "finetune.lora.target_modules=all-linear",
+    "finetune.ppo.batch_size=8",
+    "finetune.ppo.minibatch_size=4",
+    "finetune.ppo.ppo_epochs=2",
+    "finetune.ppo.max_new_tokens=8",
+    "finetune.ppo.learning_rate=0.005",
+    "finetune.ppo.save_steps=2",
+)
+
+
+def ppo_prompt_records(n: int) -> list[dict[str, Any]]:
+    """RAG prompts over two passages (the answer sits in the second)."""
+    return [{k: v for k, v in r.items() if k != "answer"} for r in rag_records(n)]
