@@ -128,6 +128,9 @@ def serve_command(
     try:
         with err.status("starting Ray Serve and loading models…", spinner="dots") if not as_json else _Null():
             ensure_ray(settings.ray)
+            # ray.init installs Ray's own SIGTERM handler (it logs a stack and kills the
+            # process): take SIGTERM back so that it shuts Serve down like Ctrl-C.
+            signal.signal(signal.SIGTERM, _raise_interrupt)
             serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
             try:
                 serve.run(build_application(settings, keys=keys), name=APP_NAME, route_prefix="/")
