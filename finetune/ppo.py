@@ -54,6 +54,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -379,8 +380,11 @@ class Collective:
         if self.active:
             import torch.distributed as dist
 
+            # NCCL reduces CUDA tensors only; gloo reduces CPU tensors.
+            if dist.get_backend() == "nccl":
+                t = t.to(torch.device("cuda", torch.cuda.current_device()))
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.tolist()
+        return t.cpu().tolist()
 
     def mean(self, values: Mapping[str, float]) -> dict[str, float]:
         keys = list(values)
@@ -548,6 +552,9 @@ def ppo_train_loop(config: dict[str, Any], session: TrainSession) -> None:
                      "world_size": coll.world_size}  # fmt: skip
             folder = save_checkpoint(session.scratch / f"ckpt-{step:06d}", module, optimizer, state) if session.is_main else None
             session.report({"_type": "checkpoint", "step": step, "reward": row["reward"]}, checkpoint_dir=folder)
+            if folder is not None:
+                # The runner has its own copy now (Ray persisted it; the local runner copied it).
+                shutil.rmtree(folder, ignore_errors=True)
         if injector is not None:
             injector.maybe_fire(step)
 

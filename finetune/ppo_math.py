@@ -123,7 +123,7 @@ def token_rewards(
     # The index of the last real token: mask is 1…1 0…0, so its sum minus one.
     last = (mask.sum(dim=1).long() - 1).clamp(min=0)
     rewards = rewards.clone()
-    rewards[torch.arange(rewards.shape[0]), last] += scores.to(rewards.dtype)
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores.to(rewards.dtype)
     return rewards * mask, kl
 
 
