@@ -33,7 +33,6 @@ process. Malformed lines are collected and reported together as ``file:line: pro
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import random
@@ -51,6 +50,7 @@ from ragops.retrieval.prompts import (
 )
 
 from ragops.errors import InputError
+from ragops.uris import expand_files, read_bytes, read_text
 
 if TYPE_CHECKING:
     from ragops.config import Settings
@@ -68,48 +68,43 @@ Example = dict[str, Any]
 # ---------------------------------------------------------------------------------------
 
 
-def expand_data_paths(data: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Files named by a path, a folder (its ``*.jsonl``) or a glob, sorted.
+def expand_data_paths(data: str | Path | Sequence[str | Path]) -> list[str]:
+    """Files named by paths or URIs, folders (their ``*.jsonl``) or globs, sorted.
+
+    Remote locations (``s3://...``) go through pyarrow filesystems, so training runs as a
+    cluster job read their data where it lives.
 
     Raises:
-        InputError: nothing matches.
+        InputError: a location does not exist, or nothing matches.
     """
     items = [data] if isinstance(data, (str, Path)) else list(data)
-    out: list[Path] = []
+    out: list[str] = []
     for item in items:
-        p = Path(item).expanduser()
-        if p.is_dir():
-            out.extend(sorted(p.glob("*.jsonl")))
-        elif p.is_file():
-            out.append(p)
-        elif any(c in str(item) for c in "*?["):
-            out.extend(Path(m) for m in sorted(glob.glob(str(p))) if Path(m).is_file())
-        else:
-            raise InputError(f"training data '{item}' not found")
+        try:
+            out.extend(expand_files(item, ".jsonl"))
+        except InputError:
+            raise InputError(f"training data '{item}' not found") from None
     if not out:
         raise InputError(f"training data {', '.join(map(str, items))}: no .jsonl files found")
     return sorted(dict.fromkeys(out))
 
 
-def data_hash(paths: Iterable[Path]) -> str:
+def data_hash(paths: Iterable[str | Path]) -> str:
     """SHA-256 over the files' bytes (in path order): identifies "the same data" for resume."""
     h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(p.name.encode())
+    for p in sorted(str(p) for p in paths):
+        h.update(p.rsplit("/", 1)[-1].encode())
         h.update(b"\0")
-        h.update(p.read_bytes())
+        h.update(read_bytes(p))
         h.update(b"\0")
     return h.hexdigest()
 
 
-def read_lines(paths: Iterable[Path], max_records: int | None = None) -> list[dict[str, Any]]:
+def read_lines(paths: Iterable[str | Path], max_records: int | None = None) -> list[dict[str, Any]]:
     """``{"file", "line", "text"}`` for each non-blank line (1-based line numbers)."""
     rows: list[dict[str, Any]] = []
     for path in paths:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        text = read_text(path)
         for i, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 rows.append({"file": str(path), "line": i, "text": line})

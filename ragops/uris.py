@@ -39,18 +39,65 @@ def read_text(location: str | Path) -> str:
     Raises:
         InputError: not found, a folder, unreadable, or not UTF-8 (one message naming the file).
     """
+    raw = read_bytes(location)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{location}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def read_bytes(location: str | Path) -> bytes:
+    """The bytes of a file at a local path or URI (errors as in :func:`read_text`)."""
+    fs, path = _existing_file(location)
+    try:
+        with fs.open_input_stream(path) as fh:
+            return fh.read()
+    except OSError as exc:
+        raise InputError(f"{location}: cannot read ({exc})") from None
+
+
+def _existing_file(location: str | Path) -> tuple[pafs.FileSystem, str]:
     fs, path = filesystem_for(location)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"{location}: file not found")
     if info.type == pafs.FileType.Directory:
         raise InputError(f"{location}: is a folder, expected a file")
-    try:
-        with fs.open_input_stream(path) as fh:
-            raw = fh.read()
-    except OSError as exc:
-        raise InputError(f"{location}: cannot read ({exc})") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{location}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return fs, path
+
+
+def expand_files(location: str | Path, suffix: str) -> list[str]:
+    """Files named by ``location``: a file, a folder (its ``*<suffix>`` files) or a glob.
+
+    Local results are plain paths; remote ones keep their URI scheme, so they can be read
+    back with :func:`read_text`. A glob's wildcards apply to the last path component.
+
+    Raises:
+        InputError: the location does not exist (a glob matching nothing returns ``[]``).
+    """
+    import fnmatch
+
+    text = str(location)
+    if not is_uri(text) and any(c in text for c in "*?["):
+        import glob
+
+        return sorted(m for m in glob.glob(str(Path(text).expanduser())) if Path(m).is_file())
+    fs, path = filesystem_for(location)
+    scheme = text.split("://", 1)[0] + "://" if is_uri(text) else ""
+
+    def named(p: str) -> str:
+        return scheme + p if scheme else p
+
+    if any(c in Path(path).name for c in "*?["):
+        parent, pattern = path.rsplit("/", 1) if "/" in path else ("", path)
+        if fs.get_file_info(parent).type != pafs.FileType.Directory:
+            return []
+        infos = fs.get_file_info(pafs.FileSelector(parent, recursive=False))
+        return sorted(named(i.path) for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.base_name, pattern))
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [named(path) if scheme else str(Path(text).expanduser())]
+    if info.type == pafs.FileType.Directory:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+        return sorted(named(i.path) for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
+    raise InputError(f"'{location}' not found")

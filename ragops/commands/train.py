@@ -36,7 +36,7 @@ train_app = typer.Typer(
 )
 
 DataOpt = Annotated[
-    list[str], typer.Option("--data", help="Training data: a .jsonl file, a folder of them, or a glob (repeatable).")
+    list[str], typer.Option("--data", help="Training data: a .jsonl file, a folder of them, or a glob; paths or URIs (s3://...) (repeatable).")
 ]
 BaseOpt = Annotated[
     str | None, typer.Option("--base", help="Base model: registry name or path (default: finetune.base_model, else generator.model).")

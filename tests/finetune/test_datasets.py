@@ -93,6 +93,19 @@ def test_empty_data_and_missing_files(tmp_path: Path, ft_settings: Callable[...,
         build_sft_examples(tmp_path / "*.nothing", ft_settings())
 
 
+def test_training_data_at_a_uri_builds_like_a_local_path(tmp_path: Path, ft_settings: Callable[..., Any]) -> None:
+    """Cluster jobs name their data by URI: the same files through a pyarrow URI give the same dataset."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", rag_records(3))
+    local = build_sft_examples(folder, ft_settings())
+    remote = build_sft_examples(f"file://{folder}", ft_settings())
+    assert remote.examples == local.examples and remote.hash == local.hash
+    assert remote.files == [f"file://{folder}/a.jsonl"]
+    with pytest.raises(InputError, match="not found"):
+        build_sft_examples(f"file://{folder}/missing.jsonl", ft_settings())
+
+
 def test_data_kind_mismatch_is_explained(tmp_path: Path, ft_settings: Callable[..., Any]) -> None:
     pref = write_jsonl(tmp_path / "pref.jsonl", preference_records(2))
     with pytest.raises(InputError, match="ragops train reward"):
