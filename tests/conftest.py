@@ -151,13 +151,16 @@ def _train_tokenizer() -> Any:
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_llm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random tiny Llama plus a real chat tokenizer, saved with save_pretrained."""
+def build_tiny_llama(out: Path, *, initializer_range: float = 0.02, eos_logit_zero: bool = False) -> Path:
+    """Save a random tiny Llama (2 layers, hidden 32) and the real chat tokenizer in ``out``.
+
+    Args:
+        initializer_range: Spread of the random weights (wider: more decisive logits).
+        eos_logit_zero: Zero EOS's output row, so greedy decoding never stops early.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = tmp_path_factory.mktemp("tiny-llm")
     tokenizer = _train_tokenizer()
     config = LlamaConfig(
         hidden_size=32,
@@ -170,18 +173,27 @@ def tiny_llm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        # Wider than the default 0.02 so random logits have clear winners: greedy outputs are
-        # stable against float noise (batched vs single rows).
-        initializer_range=0.2,
+        initializer_range=initializer_range,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    # EOS's logit is then always 0 while the best of ~600 random logits is ~+3.5: greedy never
-    # ends early, so 'length' and stop-sequence tests are exact.
-    with torch.no_grad():
-        model.lm_head.weight[tokenizer.eos_token_id] = 0.0
+    if eos_logit_zero:
+        with torch.no_grad():
+            model.lm_head.weight[tokenizer.eos_token_id] = 0.0
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Llama plus a real chat tokenizer, saved with save_pretrained.
+
+    Weights wider than the default 0.02 give random logits clear winners, so greedy outputs are
+    stable against float noise (batched vs single rows). EOS's logit is then always 0 while the
+    best of ~600 random logits is ~+3.5: greedy never ends early, so 'length' and stop-sequence
+    tests are exact.
+    """
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llm"), initializer_range=0.2, eos_logit_zero=True)
 
 

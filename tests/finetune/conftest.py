@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.retrieval.conftest import _train_tokenizer
+from tests.conftest import build_tiny_llama
 
 #: Overrides that keep training tiny and fast (applied before a test's own).
 FAST = (
@@ -36,27 +36,7 @@ FAST = (
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random tiny Llama plus its chat tokenizer, saved with save_pretrained."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny-base")
-    tokenizer = _train_tokenizer()
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-base"))
 
 
 def write_jsonl(path: Path, records: Iterable[Any]) -> Path:
@@ -143,28 +123,7 @@ def ppo_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for a LoRA adapter to move probability mass (the toy task's answers contain the target
     about 15% of the time before training).
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("ppo-base")
-    tokenizer = _train_tokenizer()
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        initializer_range=0.3,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return build_tiny_llama(tmp_path_factory.mktemp("ppo-base"), initializer_range=0.3)
 
 
 #: PPO overrides for the tiny model (after FAST).
