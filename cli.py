@@ -12,7 +12,6 @@ import json
 import logging
 import os
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
