@@ -125,8 +125,7 @@ def ingest(
             progress.update(task, completed=p["files_done"], total=p["files"], documents=p["documents"], chunks=p["chunks"],
                             rate=rate)  # fmt: skip
 
-        report = run_ingest(settings, _ingest_sources(settings, paths), collection=collection, prune=prune,
-                            progress=on_progress)  # fmt: skip
+        report = run_ingest(settings, paths, collection=collection, prune=prune, progress=on_progress)
     data = report.to_dict()
     if as_json:
         emit_json(data)
@@ -134,16 +133,6 @@ def ingest(
         _print_ingest_summary(data)
     if not report.ok:
         raise typer.Exit(1)
-
-
-def _ingest_sources(settings: Any, paths: list[str] | None) -> list[str]:
-    """The command's paths, else ``ingest.sources`` from the settings."""
-    from ragops.errors import InputError
-
-    sources = list(paths or settings.ingest.sources)
-    if not sources:
-        raise InputError("nothing to ingest: name paths or URIs (ragops ingest ./docs), or set ingest.sources in the config")
-    return sources
 
 
 def _print_ingest_summary(d: dict[str, Any]) -> None:
@@ -407,23 +396,21 @@ def eval_answers(
     retrieval and the table shows before, after and the change.
     """
     settings = settings_from(config, set_, data_dir)
-    runs: list[tuple[str, Any]] = []  # (label, settings), baseline first
     target = _with_model(settings, model)
-    if baseline:
-        if baseline == "base":
-            gen = target.generator.model_copy(update={"adapter": None})
-            runs.append(("base", target.model_copy(update={"generator": gen})))
-        else:
-            runs.append((baseline, _with_model(settings, baseline)))
-    runs.append((model or target.generator.model, target))
-    refs = {runs[-1][0]: model, **({runs[0][0]: baseline} if baseline else {})}
+    # (label, registry ref or None, settings); the baseline runs first.
+    runs: list[tuple[str, str | None, Any]] = [(model or target.generator.model, model, target)]
+    if baseline == "base":
+        gen = target.generator.model_copy(update={"adapter": None})
+        runs.insert(0, ("base", None, target.model_copy(update={"generator": gen})))
+    elif baseline:
+        runs.insert(0, (baseline, baseline, _with_model(settings, baseline)))
 
     reports: list[dict[str, Any]] = []
-    for label, run_settings in runs:
+    for label, ref, run_settings in runs:
         report = _answer_report(run_settings, data, label=label, k=k, mode=mode, reader=reader, max_tokens=max_tokens,
                                 collection=collection)  # fmt: skip
         report["model"] = label
-        report["recorded_on"] = _record_eval(run_settings, refs.get(label), report)
+        report["recorded_on"] = _record_eval(run_settings, ref, report)
         reports.append(report)
     after = reports[-1]
     if as_json:
@@ -474,12 +461,9 @@ def _record_eval(settings: Any, ref: str | None, report: dict[str, Any]) -> str 
     Base models and local folders are evaluated but have nowhere to record to. Token F1 is
     recorded as ``answer_f1``, the name promotion gates use for answer quality.
     """
-    if not ref:
-        return None
     from ragops.artifacts import Registry, looks_like_ref
-    from ragops.model_registry import BUILTIN_MODELS
 
-    if not looks_like_ref(ref) or any(ref == m.name for m in BUILTIN_MODELS):
+    if not ref or not looks_like_ref(ref):  # nothing given, or a local folder
         return None
     registry = Registry.from_settings(settings)
     if not registry.has(ref):

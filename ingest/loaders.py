@@ -41,6 +41,7 @@ from pypdf import PdfReader
 from ragops.config import LoaderConfig
 from ragops.documents import Document, Section, content_hash, normalize_text
 from ragops.errors import InputError
+from ragops.uris import is_uri
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +170,6 @@ def _filesystem(filesystem_uri: str) -> pafs.FileSystem:
     return fs
 
 
-def _has_scheme(root: str) -> bool:
-    # "C:\\docs" has a one-letter "scheme"; real URI schemes are longer.
-    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", root) is not None
-
-
 @dataclass(frozen=True)
 class _Root:
     fs: pafs.FileSystem
@@ -184,7 +180,7 @@ class _Root:
 
 def _resolve_root(root: str) -> _Root:
     """Split a root into its filesystem, the path inside it and a display URI."""
-    if not _has_scheme(root):
+    if not is_uri(root):
         path = os.path.abspath(os.path.expanduser(root))
         return _Root(_LOCAL_FS, path, path, "")
     parts = urlsplit(root)

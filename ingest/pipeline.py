@@ -22,6 +22,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -264,30 +265,30 @@ def open_collection(settings: Settings, collection: str | None = None) -> tuple[
 
 def run_ingest(
     settings: Settings,
-    roots: Sequence[str],
+    roots: Sequence[str] | None = None,
     *,
     collection: str | None = None,
     prune: bool = False,
     progress: ProgressFn | None = None,
 ) -> IngestReport:
-    """Ingest ``roots`` into the collection incrementally and return the report.
+    """Ingest ``roots`` (default: ``ingest.sources``) into the collection incrementally.
 
     Raises:
-        InputError: a root does not exist, or nothing matches the include globs.
+        InputError: no roots at all, a root does not exist, or nothing matches the include globs.
         CollectionError: the collection was built with another embedder or dimension.
         StoreLockedError: another process holds the embedded index.
     """
+    roots = list(roots or settings.ingest.sources)
     if not roots:
-        raise InputError("nothing to ingest: give at least one path or URI")
+        raise InputError("nothing to ingest: name paths or URIs (ragops ingest ./docs), or set ingest.sources in the config")
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    files = discover(list(roots), settings.ingest.loader)
-    timings["discover"] = time.perf_counter() - started
+    with _timed(timings, "discover"):
+        files = discover(roots, settings.ingest.loader)
     store, spec = open_collection(settings, collection)
     try:
-        t = time.perf_counter()
-        states = scan_index(store)
-        timings["scan"] = time.perf_counter() - t
+        with _timed(timings, "scan"):
+            states = scan_index(store)
         known = {doc_id: fp for doc_id, st in states.items() if (fp := st.complete_fingerprint())}
         report = IngestReport(
             run_id=datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6],
@@ -308,41 +309,46 @@ def run_ingest(
         if files:
             batches = iter(_run_stages(settings, stage, files))
             while True:
-                t = time.perf_counter()
-                batch = next(batches, None)
-                timings["pipeline"] += time.perf_counter() - t
+                with _timed(timings, "pipeline"):  # waiting for the stream's next batch
+                    batch = next(batches, None)
                 if batch is None:
                     break
                 _account(batch, report, seen_docs, failed_sources, files_done)
-                t = time.perf_counter()
-                report.chunks += sink.write_batch(batch)
-                timings["write"] += time.perf_counter() - t
+                with _timed(timings, "write"):
+                    report.chunks += sink.write_batch(batch)
                 if progress:
                     progress({"files_done": len(files_done), "files": len(files), "documents": report.documents,
                               "chunks": report.chunks, "points": sink.points_written,
                               "elapsed": time.perf_counter() - started})  # fmt: skip
-        t = time.perf_counter()
-        report.incomplete = sink.close()
+        with _timed(timings, "write"):
+            report.incomplete = sink.close()
         report.points_written = sink.points_written
-        timings["write"] += time.perf_counter() - t
         optimize = getattr(store, "optimize", None)
         if optimize is not None and report.points_written:
             # Qdrant Edge never optimizes on its own: without this, queries scan every point.
-            t = time.perf_counter()
-            optimize()
-            timings["optimize"] = time.perf_counter() - t
+            with _timed(timings, "optimize"):
+                optimize()
         if prune:
-            t = time.perf_counter()
-            gone = [d for d, st in states.items() if d not in seen_docs and st.source not in failed_sources]
-            report.deleted = sink.delete_documents(gone)
-            store.flush()
-            timings["prune"] = time.perf_counter() - t
+            with _timed(timings, "prune"):
+                gone = [d for d, st in states.items() if d not in seen_docs and st.source not in failed_sources]
+                report.deleted = sink.delete_documents(gone)
+                store.flush()
     finally:
         store.close()
     report.duration_s = round(time.perf_counter() - started, 3)
     report.timings = {k: round(v, 3) for k, v in timings.items()}
     append_record(settings.data_dir, report.collection, report.to_dict())
     return report
+
+
+@contextmanager
+def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    """Add the block's wall time to ``timings[phase]``."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - t
 
 
 def _account(batch: Batch, report: IngestReport, seen: set[str], failed_sources: set[str], files_done: set[str]) -> None:

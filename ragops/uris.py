@@ -7,6 +7,7 @@ in the location it names.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -16,7 +17,8 @@ from ragops.errors import InputError
 
 def is_uri(location: str | Path) -> bool:
     """Whether ``location`` names a filesystem URI (``scheme://...``) rather than a local path."""
-    return "://" in str(location)
+    # "C:\\docs" has a one-letter "scheme"; real URI schemes are longer.
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", str(location)) is not None
 
 
 def filesystem_for(location: str | Path) -> tuple[pafs.FileSystem, str]:

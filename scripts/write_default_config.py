@@ -28,4 +28,4 @@ def render() -> str:
 
 if __name__ == "__main__":
     TARGET.write_text(render())
-    print(f"wrote {TARGET.relative_to(Path.cwd()) if TARGET.is_relative_to(Path.cwd()) else TARGET}")
+    print("wrote configs/default.yaml")
