@@ -21,9 +21,6 @@ from ragops.retrieval.search import Retriever, SearchFilters, SearchResult
 from ragops.config import Settings
 from ragops.errors import InputError
 
-READERS = ("stuff", "fid")
-
-
 def reader_for(settings: Settings, generator: Any, name: str | None = None) -> Any:
     """The reader ``name`` (default: ``generator.reader`` from config) over ``generator``, checked.
 
@@ -32,10 +29,7 @@ def reader_for(settings: Settings, generator: Any, name: str | None = None) -> A
     Raises:
         InputError: an unknown reader name.
     """
-    name = name or settings.generator.reader
-    if name not in READERS:
-        raise InputError(f"unknown reader '{name}'; allowed: {', '.join(READERS)}")
-    return get_reader(name, generator, context_tokens=settings.generator.context_tokens)
+    return get_reader(name or settings.generator.reader, generator, context_tokens=settings.generator.context_tokens)
 
 
 @dataclass

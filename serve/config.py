@@ -98,7 +98,24 @@ class IngressSettings(DeploymentSettings):
     )
 
 
-class EmbedderSettings(DeploymentSettings):
+class _BatchedSettings(DeploymentSettings):
+    """A deployment that batches with ``@serve.batch``: its batch must fit its ongoing requests.
+
+    Subclasses declare ``max_batch_size`` and ``batch_wait_timeout_s`` with their own defaults.
+    """
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> _BatchedSettings:
+        size, ongoing = getattr(self, "max_batch_size"), self.max_ongoing_requests  # noqa: B009
+        if size > ongoing:
+            raise ValueError(
+                f"max_batch_size ({size}) exceeds max_ongoing_requests ({ongoing}): "
+                "a replica could never collect a full batch"
+            )
+        return self
+
+
+class EmbedderSettings(_BatchedSettings):
     """The query embedder (dense query vector + BM25 vector; also /v1/embeddings)."""
 
     max_ongoing_requests: int = Field(32, ge=1, description="Requests a replica works on at once.")
@@ -124,7 +141,7 @@ class RetrieverSettings(DeploymentSettings):
     )
 
 
-class RerankerSettings(DeploymentSettings):
+class RerankerSettings(_BatchedSettings):
     """The cross-encoder reranker: its own deployment, created only when ``retrieval.rerank.model`` is set.
 
     The ingress asks the retriever for ``retrieval.rerank.candidates`` hits and this
@@ -142,17 +159,8 @@ class RerankerSettings(DeploymentSettings):
         default_factory=lambda: AutoscalingSettings(max_replicas=2, target_ongoing_requests=4)
     )
 
-    @model_validator(mode="after")
-    def _batch_fits(self) -> RerankerSettings:
-        if self.max_batch_size > self.max_ongoing_requests:
-            raise ValueError(
-                f"max_batch_size ({self.max_batch_size}) exceeds max_ongoing_requests ({self.max_ongoing_requests}): "
-                "a replica could never collect a full batch"
-            )
-        return self
 
-
-class GeneratorSettings(DeploymentSettings):
+class GeneratorSettings(_BatchedSettings):
     """The generator: dynamic batching of non-streaming answers, LoRA adapters multiplexed."""
 
     max_ongoing_requests: int = Field(16, ge=1, description="Requests a replica works on at once (>= max_batch_size).")
@@ -180,15 +188,6 @@ class GeneratorSettings(DeploymentSettings):
         description="TEST HOOK, leave unset: while this file exists every generator request waits before "
         "generating, so tests can fill queues deterministically.",
     )
-
-    @model_validator(mode="after")
-    def _batch_fits(self) -> GeneratorSettings:
-        if self.max_batch_size > self.max_ongoing_requests:
-            raise ValueError(
-                f"max_batch_size ({self.max_batch_size}) exceeds max_ongoing_requests ({self.max_ongoing_requests}): "
-                "a replica could never collect a full batch"
-            )
-        return self
 
 
 class ServeConfig(_Strict):

@@ -74,8 +74,10 @@ class GeneratorDeployment:
         log.info("loaded adapter %s (%s on %s)", model_id, gen_cfg.adapter, gen_cfg.model)
         return gen
 
-    async def _generator(self) -> Generator:
-        model_id = serve.get_multiplexed_model_id()
+    async def _generator(self, model_id: str | None = None) -> Generator:
+        """The base model or the adapter ``model_id`` (default: this request's multiplexed id)."""
+        if model_id is None:  # BASE is "", so test for None, not falsiness
+            model_id = serve.get_multiplexed_model_id()
         return self.base if model_id == BASE else await self._adapter(model_id)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -100,7 +102,7 @@ class GeneratorDeployment:
 
     async def _run_batch(self, model_id: str, requests: list[AnswerRequest]) -> list[dict[str, Any]]:
         try:
-            gen = self.base if model_id == BASE else await self._adapter(model_id)
+            gen = await self._generator(model_id)
         except Exception as exc:  # noqa: BLE001 - e.g. an adapter that does not load: each caller's error
             return [error_dict(exc)] * len(requests)
         return await self._run(answer_batch, gen, self.settings, requests)

@@ -45,7 +45,6 @@ class RerankerDeployment:
         # The same construction as the library's Retriever: rerank settings, embedder's device.
         self.reranker = Reranker(self.settings.retrieval.rerank, device=self.settings.embedder.device)
         self.reranker.warm_up()
-        self._ready = True
         self._rerank_batch.set_max_batch_size(cfg.max_batch_size)
         self._rerank_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
@@ -56,10 +55,7 @@ class RerankerDeployment:
         ``retrieval_score`` and ranks ``1..k``; ``timings`` gain ``rerank_s`` (the batch's) and
         ``total_s`` includes it; ``reranked`` is True.
         """
-        out = await self._rerank_batch((query, list(result.hits)))
-        if isinstance(out, Exception):
-            raise out
-        hits, seconds = out
+        hits, seconds = await self._rerank_batch((query, list(result.hits)))
         timings = {**result.timings, "rerank_s": seconds}
         timings["total_s"] = float(result.timings.get("total_s", 0.0)) + seconds
         return dataclasses.replace(result, hits=hits[:k], timings=timings, reranked=True)
@@ -67,20 +63,13 @@ class RerankerDeployment:
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
     async def _rerank_batch(
         self, items: list[tuple[str, list[SearchHit]]]
-    ) -> list[tuple[list[SearchHit], float] | Exception]:
+    ) -> list[tuple[list[SearchHit], float]]:
         started = time.perf_counter()
         queries = [q for q, _ in items]
         hit_lists = [h for _, h in items]
         loop = asyncio.get_running_loop()
-        try:
-            # top_k=None: every hit, ordered; each caller keeps its own k (ranks 1..k either way).
-            ordered = await loop.run_in_executor(self._executor, self.reranker.rerank_batch, queries, hit_lists, None)
-        except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
-            return [exc] * len(items)
+        # top_k=None: every hit, ordered; each caller keeps its own k (ranks 1..k either way).
+        # An error here reaches every caller of the batch (@serve.batch passes it on).
+        ordered = await loop.run_in_executor(self._executor, self.reranker.rerank_batch, queries, hit_lists, None)
         seconds = time.perf_counter() - started
         return [(hits, seconds) for hits in ordered]
-
-    def check_health(self) -> None:
-        """Serve's periodic health check: the cross-encoder is loaded (in the constructor)."""
-        if not self._ready:
-            raise RuntimeError("the reranker model is not loaded")

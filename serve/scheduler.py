@@ -45,15 +45,12 @@ class BatchScheduler(Generic[Req]):
         self.max_batch_size = max_batch_size
         self._queues: dict[str, deque[_Waiting[Req]]] = {}
         self._seq = 0
-        self._wakeup: asyncio.Event | None = None
+        self._wakeup = asyncio.Event()  # binds no event loop until first awaited (Python 3.10+)
         self._worker: asyncio.Task | None = None
-        self.batches_run = 0
 
     def submit(self, model_id: str, requests: Sequence[Req]) -> list[asyncio.Future]:
         """Queue requests for ``model_id``; each future resolves to its result."""
         loop = asyncio.get_running_loop()
-        if self._wakeup is None:
-            self._wakeup = asyncio.Event()
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._loop())
         futures = []
@@ -65,11 +62,6 @@ class BatchScheduler(Generic[Req]):
             futures.append(fut)
         self._wakeup.set()
         return futures
-
-    @property
-    def waiting(self) -> int:
-        """Requests queued and not yet started."""
-        return sum(1 for q in self._queues.values() for w in q if not w.future.done())
 
     def _next_batch(self) -> tuple[str, list[_Waiting[Req]]] | None:
         for q in self._queues.values():
@@ -88,14 +80,11 @@ class BatchScheduler(Generic[Req]):
         return model_id, batch
 
     async def _loop(self) -> None:
-        assert self._wakeup is not None
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             while (picked := self._next_batch()) is not None:
-                model_id, batch = picked
-                if not batch:
-                    continue
+                model_id, batch = picked  # never empty: _next_batch dropped done heads first
                 try:
                     results = await self._run_batch(model_id, [w.request for w in batch])
                     if len(results) != len(batch):
@@ -106,7 +95,6 @@ class BatchScheduler(Generic[Req]):
                         if not w.future.done():
                             w.future.set_exception(exc)
                     continue
-                self.batches_run += 1
                 for w, result in zip(batch, results, strict=True):
                     if not w.future.done():
                         w.future.set_result(result)
