@@ -34,7 +34,7 @@ from ragops.errors import ConfigError, InputError, ModelNotFoundError
 BUILTIN_REWARDS = ("rag", "mix")
 
 
-def resolve_reward(name: str, settings: Settings, *, _depth: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+def resolve_reward(name: str, settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
     """``--reward NAME`` → (spec for the workers, lineage record).
 
     Raises:
@@ -47,11 +47,10 @@ def resolve_reward(name: str, settings: Settings, *, _depth: int = 0) -> tuple[d
     if name == "rag":
         return {"type": "rag", "settings": cfg.rag.model_dump(mode="json")}, {"name": "rag"}
     if name == "mix":
-        if _depth:
-            raise InputError("finetune.ppo.reward.mix cannot contain 'mix'")
+        # The settings refuse a 'mix' inside finetune.ppo.reward.mix, so this does not recurse further.
         parts, lineage = [], []
         for part, weight in cfg.mix.items():
-            spec, info = resolve_reward(part, settings, _depth=_depth + 1)
+            spec, info = resolve_reward(part, settings)
             parts.append([float(weight), spec])
             lineage.append({**info, "weight": float(weight)})
         return {"type": "mix", "parts": parts}, {"name": "mix", "parts": lineage}

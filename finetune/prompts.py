@@ -40,6 +40,7 @@ from ragops.finetune.datasets import (
     read_lines,
 )
 from ragops.retrieval.prompts import as_passages, build_stuff_messages
+from ragops.serve.feedback import FEEDBACK_FILE, feedback_dir
 
 from ragops.errors import InputError
 
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
 
 #: ``--prompts feedback``: the chat endpoint's feedback records.
 FEEDBACK_SOURCE = "feedback"
-FEEDBACK_FILE = "feedback.jsonl"
 
 
 class ParsePrompt:
@@ -126,9 +126,8 @@ class FormatPrompt:
 
 
 def feedback_file(settings: Settings) -> Path:
-    """Where the chat endpoint stores feedback records (``serve.feedback_dir`` or ``<data_dir>/feedback``)."""
-    directory = getattr(settings.serve, "feedback_dir", None) or Path(settings.data_dir) / "feedback"
-    return Path(directory).expanduser() / FEEDBACK_FILE
+    """Where the chat endpoint stores feedback records (the serving layer's own answer)."""
+    return feedback_dir(settings) / FEEDBACK_FILE
 
 
 def build_ppo_prompts(

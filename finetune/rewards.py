@@ -28,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ragops.finetune.config import RagRewardSettings
 from ragops.finetune.datasets import content_words
-from ragops.retrieval.prompts import parse_citations
+from ragops.retrieval.prompts import CITATION, parse_citations
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,8 @@ class RewardFunction(Protocol):
 # ---------------------------------------------------------------------------------------
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
-_CITE = re.compile(r"\[(\d+(?:\s*(?:[,;-]|and)\s*\d+)*)\]")
-_LEADING_CITES = re.compile(r"^((?:\[\d+(?:\s*(?:[,;-]|and)\s*\d+)*\]\s*)+)[.!?]?")
+_CITE = CITATION  # the reader's citation syntax, so both agree on what a citation is
+_LEADING_CITES = re.compile(rf"^((?:{CITATION.pattern}\s*)+)[.!?]?")
 
 
 def split_claims(answer: str) -> list[str]:
@@ -81,13 +81,19 @@ def split_claims(answer: str) -> list[str]:
     return out
 
 
+#: Largest passage number :func:`cited_numbers` keeps.
+MAX_CITATION = 1000
+
+
 def cited_numbers(sentence: str) -> list[int]:
     """Passage numbers cited in one sentence (``[2]``, ``[1, 3]``, ``[1-2]``, ``[1][2]``).
 
     Numbers that are not passages are kept (unlike the reader's :func:`parse_citations`, which
     drops them): citing a passage that does not exist is a wrong citation here.
     """
-    return parse_citations(sentence, 10**6)
+    # A bound (not the passage count) keeps wrong numbers while capping what a runaway
+    # "[1-999999]" can expand to.
+    return parse_citations(sentence, MAX_CITATION)
 
 
 def support(claim: str, passage: str) -> float:

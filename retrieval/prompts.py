@@ -125,7 +125,8 @@ def build_fid_messages(
 
 
 # [3], [1, 2], [1,2; 4], [2-4], [2–4] (en dash) and mixes such as [1, 3-5].
-_CITATION = re.compile(r"\[\s*(\d+(?:\s*(?:[,;]|[-–—]|and)\s*\d+)*)\s*\]")
+#: One bracketed citation: ``[2]``, ``[1, 3]``, ``[1-2]``, ``[ 1 and 2 ]`` (group 1: its inside).
+CITATION = re.compile(r"\[\s*(\d+(?:\s*(?:[,;]|[-–—]|and)\s*\d+)*)\s*\]")
 _RANGE = re.compile(r"^(\d+)\s*[-–—]\s*(\d+)$")
 
 
@@ -148,7 +149,7 @@ def parse_citations(answer: str, n_passages: int) -> list[int]:
         if 1 <= k <= n_passages:
             seen.setdefault(k, None)
 
-    for match in _CITATION.finditer(answer):
+    for match in CITATION.finditer(answer):
         for part in re.split(r"\s*(?:[,;]|\band\b)\s*", match.group(1)):
             rng = _RANGE.match(part.strip())
             if rng:

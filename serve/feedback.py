@@ -36,6 +36,14 @@ RECENT_REQUESTS = 2048
 _BLOCK = 1 << 16
 
 
+def feedback_dir(settings: Any) -> Path:
+    """Where the request log and feedback live (``serve.feedback_dir`` or ``<data_dir>/feedback``).
+
+    Serving writes there and ``ragops train ... feedback`` reads there: one answer for both.
+    """
+    return Path(settings.serve.feedback_dir or Path(settings.data_dir) / "feedback").expanduser()
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON line durably (locked single write + fsync)."""
     line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode("utf-8")

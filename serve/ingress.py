@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 
 from ragops.serve.auth import ApiKeys
 from ragops.serve.backend import HandleBackend
-from ragops.serve.feedback import FeedbackStore
+from ragops.serve.feedback import FeedbackStore, feedback_dir
 from ragops.serve.http_app import IngressContext, create_app
 from ragops.serve.metrics import ServeMetrics
 from ragops.serve.models import ModelCatalog
@@ -25,11 +25,6 @@ from ragops.serve.replica import replica_settings
 
 #: How long a deployment-status answer is reused by /healthz (the controller is not hammered).
 STATUS_TTL_S = 1.0
-
-
-def feedback_dir(settings: Any) -> Any:
-    """Where the request log and feedback live (``serve.feedback_dir`` or ``<data_dir>/feedback``)."""
-    return settings.serve.feedback_dir or settings.data_dir / "feedback"
 
 
 @serve.deployment(name="Ingress")
