@@ -136,6 +136,15 @@ def materialize_base(source: BaseModelSource, cache_root: Path) -> BaseModelSour
 # ---------------------------------------------------------------------------------------
 
 
+def base_source(name: str, settings: Any) -> BaseModelSource:
+    """The base model ``name`` as training loads it: resolved, and (with
+    ``finetune.cache_base_model``) a GGUF converted once under ``<data_dir>/cache/base-models``."""
+    source = resolve_base(name)
+    if settings.finetune.cache_base_model:
+        source = materialize_base(source, Path(settings.data_dir) / "cache" / "base-models")
+    return source
+
+
 def check_quantization(quantization: str, use_gpu: bool) -> None:
     """Refuse QLoRA where it cannot run (driver-side, before any worker starts).
 

@@ -41,7 +41,7 @@ def resolve_reward(name: str, settings: Settings) -> tuple[dict[str, Any], dict[
         InputError: an unknown name, a plugin that does not import, an artifact that is not a
             reward model, or a nested mix.
     """
-    from ragops.finetune.models import materialize_base, resolve_base
+    from ragops.finetune.models import base_source
 
     cfg = settings.finetune.ppo.reward
     if name == "rag":
@@ -72,9 +72,7 @@ def resolve_reward(name: str, settings: Settings) -> tuple[dict[str, Any], dict[
         ) from None
     if art.kind != "reward":
         raise InputError(f"--reward {name}: artifact {art.name} is a {art.kind} model, not a reward model")
-    source = resolve_base(art.base_model)
-    if settings.finetune.cache_base_model:
-        source = materialize_base(source, Path(settings.data_dir) / "cache" / "base-models")
+    source = base_source(art.base_model, settings)
     base = source.path if source.gguf_file is None else art.base_model
     spec = {"type": "model", "adapter_dir": str(registry.local_dir(art.name)), "base_model": base}
     return spec, {"name": name, "artifact": art.name, "base_model": art.base_model}
@@ -136,9 +134,8 @@ def train_ppo(
         settings; ModelNotFoundError: base model; TrainingFailed: the workers failed.
     """
     from ragops.finetune.models import (
+        base_source,
         check_quantization,
-        materialize_base,
-        resolve_base,
     )
     from ragops.finetune.ppo import ppo_train_loop
     from ragops.finetune.prompts import build_ppo_prompts
@@ -163,9 +160,7 @@ def train_ppo(
             f"--init {init}: the adapter was trained on '{init_base}', not '{base_name}' (drop --base to use its base)"
         )
     reward_spec, reward_info = resolve_reward(cfg.reward.name, settings)
-    source = resolve_base(base_name)
-    if ft.cache_base_model:
-        source = materialize_base(source, Path(settings.data_dir) / "cache" / "base-models")
+    source = base_source(base_name, settings)
 
     built = build_ppo_prompts(prompts, settings, tokenizer_dir=source.path, gguf_file=source.gguf_file)
     if _uses_rag(reward_spec) and not built.extra.get("with_passages"):

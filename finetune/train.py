@@ -210,9 +210,8 @@ def train(
     """
     from ragops.finetune.datasets import build_preference_examples, build_sft_examples
     from ragops.finetune.models import (
+        base_source,
         check_quantization,
-        materialize_base,
-        resolve_base,
     )
     from ragops.finetune.reward import reward_train_loop
     from ragops.finetune.sft import sft_train_loop
@@ -227,9 +226,7 @@ def train(
     check_quantization(ft.lora.quantization, ft.use_gpu)
 
     base_name = base_model or ft.base_model or settings.generator.model
-    source = resolve_base(base_name)
-    if ft.cache_base_model:
-        source = materialize_base(source, Path(settings.data_dir) / "cache" / "base-models")
+    source = base_source(base_name, settings)
     if kind == "sft":
         built = build_sft_examples(data, settings, tokenizer_dir=source.path, gguf_file=source.gguf_file)
     else:
