@@ -50,6 +50,7 @@ from ragops.retrieval.prompts import (
 )
 
 from ragops.errors import InputError
+from ragops.retrieval.support import content_words, normalize
 from ragops.uris import expand_files, read_bytes, read_text
 
 if TYPE_CHECKING:
@@ -181,21 +182,7 @@ def record_kind(rec: Mapping[str, Any]) -> str:
 # Citations
 # ---------------------------------------------------------------------------------------
 
-_WORD = re.compile(r"\w+", re.UNICODE)
-_STOP = frozenset(
-    ["the", "a", "an", "and", "or", "of", "to", "in", "on", "at", "for", "from", "by", "with", "is", "are", "was", "were", "be", "been", "it", "its", "this", "that", "these", "those", "as", "into", "than", "then", "there", "their", "they", "you", "your", "we", "our", "not", "no", "yes", "can", "will", "would", "should"]
-)
-
-
-def _norm(text: str) -> str:
-    return " ".join(_WORD.findall(text.lower()))
-
-
-def content_words(text: str) -> set[str]:
-    """Lower-cased words longer than two letters that are not stop words (what overlap counts)."""
-    return {w for w in _WORD.findall(text.lower()) if len(w) > 2 and w not in _STOP}
-
-
+_norm = normalize
 _content_words = content_words
 
 

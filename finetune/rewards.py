@@ -27,8 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from ragops.finetune.config import RagRewardSettings
-from ragops.finetune.datasets import content_words
-from ragops.retrieval.prompts import CITATION, parse_citations
+# Support scoring is shared with serving's grounding check and the answer-quality benchmark.
+from ragops.retrieval.prompts import CITATION
+from ragops.retrieval.support import MAX_CITATION, cited_numbers, content_words, split_claims, support
+
+__all__ = ["MAX_CITATION", "cited_numbers", "content_words", "split_claims", "support"]
 
 
 @dataclass(frozen=True)
@@ -61,47 +64,7 @@ class RewardFunction(Protocol):
 # RAG-grounded reward
 # ---------------------------------------------------------------------------------------
 
-_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 _CITE = CITATION  # the reader's citation syntax, so both agree on what a citation is
-_LEADING_CITES = re.compile(rf"^((?:{CITATION.pattern}\s*)+)[.!?]?")
-
-
-def split_claims(answer: str) -> list[str]:
-    """Sentences of an answer (a citation right after a full stop stays with its sentence)."""
-    parts = [p.strip() for p in _SENTENCE.split(answer.strip()) if p and p.strip()]
-    out: list[str] = []
-    for p in parts:
-        # "Paris is the capital. [1] It is old." — citations that open a part close the sentence before.
-        lead = _LEADING_CITES.match(p)
-        if out and lead:
-            out[-1] = f"{out[-1]} {lead.group(1).strip()}"
-            p = p[lead.end() :].strip()
-        if p:
-            out.append(p)
-    return out
-
-
-#: Largest passage number :func:`cited_numbers` keeps.
-MAX_CITATION = 1000
-
-
-def cited_numbers(sentence: str) -> list[int]:
-    """Passage numbers cited in one sentence (``[2]``, ``[1, 3]``, ``[1-2]``, ``[1][2]``).
-
-    Numbers that are not passages are kept (unlike the reader's :func:`parse_citations`, which
-    drops them): citing a passage that does not exist is a wrong citation here.
-    """
-    # A bound (not the passage count) keeps wrong numbers while capping what a runaway
-    # "[1-999999]" can expand to.
-    return parse_citations(sentence, MAX_CITATION)
-
-
-def support(claim: str, passage: str) -> float:
-    """Share of the claim's content words that the passage contains (0..1)."""
-    words = content_words(_CITE.sub(" ", claim))
-    if not words:
-        return 0.0
-    return len(words & content_words(passage)) / len(words)
 
 
 class RagReward:

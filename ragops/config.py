@@ -150,20 +150,60 @@ class RetrievalConfig(StrictModel):
     expand_neighbors: int = Field(0, ge=0, le=5, description="Neighbouring chunks added around each hit in contexts.")
 
 
+class ExtractiveConfig(StrictModel):
+    """The extractive reader: which sentences of the passages make the answer."""
+
+    max_sentences: int = Field(2, ge=1, le=10, description="Most sentences in an extractive answer.")
+    keep_ratio: float = Field(
+        0.9, gt=0, le=1, description="A further sentence is kept when it scores at least this share of the best one."
+    )
+    dense_weight: float = Field(
+        0.5, ge=0, le=1, description="Weight of embedder (or cross-encoder) similarity against BM25 coverage."
+    )
+    min_words: int = Field(3, ge=1, le=20, description="Fewest content words of a candidate sentence.")
+
+
 class GeneratorConfig(StrictModel):
-    """The causal LM that writes answers."""
+    """The causal LM that writes answers, and the checks around its answers."""
 
     model: str = Field("smollm2-135m-instruct", description="Registry name or local path of the generator.")
     adapter: str | None = Field(None, description="LoRA adapter: registry name/alias or path.")
     device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N' or 'auto'.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32")
-    max_new_tokens: int = Field(256, ge=1, le=8192)
+    max_new_tokens: int = Field(
+        160, ge=1, le=8192, description="Most tokens of an answer (a few cited sentences; raise it for long-form answers)."
+    )
     temperature: float = Field(0.0, ge=0, le=5, description="0 is greedy and deterministic.")
     top_p: float = Field(1.0, gt=0, le=1)
     stop: list[str] = Field(default_factory=list, description="Stop sequences.")
     context_tokens: int = Field(1536, ge=64, description="Token budget for retrieved passages in the prompt.")
-    reader: Literal["stuff", "fid"] = Field("stuff", description="'stuff' (numbered passages) or 'fid' (fusion in decoding).")
+    reader: Literal["stuff", "fid", "extractive"] = Field(
+        "extractive",
+        description="'extractive' (the passages' best sentences, no generation), 'stuff' (numbered passages) "
+        "or 'fid' (fusion in decoding).",
+    )
     seed: int = Field(0)
+    repetition_penalty: float = Field(
+        1.1, ge=1.0, le=2.0, description="Penalty on tokens the answer already holds (1 = off; the prompt never counts)."
+    )
+    no_repeat_ngram_size: int = Field(6, ge=0, le=64, description="Never repeat an n-gram of the answer (0 = off).")
+    stop_on_repeat: bool = Field(True, description="End an answer when a line or sentence repeats an earlier one.")
+    grounding: Literal["off", "flag", "fallback"] = Field(
+        "fallback",
+        description="Check generated answers against their passages: 'flag' marks unsupported answers "
+        "(grounded: false), 'fallback' replaces them with the extractive answer.",
+    )
+    min_support: float = Field(
+        0.6, gt=0, le=1, description="Share of a sentence's content words a passage must hold to support it."
+    )
+    abstain_below: float = Field(
+        0.45,
+        ge=0,
+        le=1,
+        description="Say the documents do not cover the question when the best passage sentence scores below "
+        "this (0 = never; calibrated on benchmarks/answer_quality.py).",
+    )
+    extractive: ExtractiveConfig = Field(default_factory=ExtractiveConfig)
 
 
 class RayConfig(StrictModel):

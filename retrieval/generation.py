@@ -33,11 +33,22 @@ from collections.abc import Generator as PyGenerator
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
 from ragops.config import GeneratorConfig
 from ragops.errors import ConfigError, InputError, ModelNotFoundError
 from ragops.model_registry import ModelSpec, resolve_model
+from ragops.retrieval.decoding import (
+    DecodeOptions,
+    FinishReason,
+    GenerationResult,
+    GenerationTimings,
+    ResultStream,
+    RunStats,
+    SequenceState,
+    penalize_repeats,
+    sequence_result,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -45,109 +56,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]
-FinishReason = Literal["stop", "length"]
 Fusion = Literal["mixture", "product"]
 ROLES = ("system", "user", "assistant")
 FUSIONS = ("mixture", "product")
 #: Context window assumed when neither the model config nor the tokenizer states one.
 DEFAULT_CONTEXT_TOKENS = 2048
-
-T = TypeVar("T")
-
-
-# ---------------------------------------------------------------------------------------
-# Results
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GenerationTimings:
-    """Wall-clock timings of one generation.
-
-    Attributes:
-        time_to_first_token_s: From the call to the first generated token (prompt encoding and
-            prefill included).
-        total_s: From the call to the end of this sequence's generation.
-        tokens_per_s: Decode speed, the prefill excluded (like llama.cpp's "eval" rate):
-            ``(completion_tokens - 1) / (total_s - time_to_first_token_s)``; with a single
-            token, ``completion_tokens / total_s``.
-    """
-
-    time_to_first_token_s: float
-    total_s: float
-    tokens_per_s: float
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """The outcome of one generated sequence.
-
-    Attributes:
-        text: Generated text, stop sequence and special tokens removed.
-        finish_reason: ``'stop'`` (end-of-sequence token or stop sequence) or ``'length'``
-            (``max_new_tokens`` reached).
-        prompt_tokens: Prompt tokens after truncation (for fused decoding: summed over prompts).
-        completion_tokens: Generated tokens, the one that ended generation included.
-        timings: See :class:`GenerationTimings`.
-        source_logprobs: Fused decoding only: log-likelihood of the generated tokens under each
-            fused prompt, in prompt order (the FiD reader attributes citations with it).
-    """
-
-    text: str
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    timings: GenerationTimings
-    source_logprobs: list[float] | None = None
-
-
-class ResultStream(Iterator[str], Generic[T]):
-    """Text deltas of a generation; its final result is available once exhausted.
-
-    Iterate it for the deltas (they concatenate to the final text), then read :attr:`result`.
-    :meth:`close` stops generation early (a client that went away); the result is then unset.
-    """
-
-    def __init__(self, gen: PyGenerator[str, None, T]) -> None:
-        self._gen = gen
-        self._result: T | None = None
-        self._done = False
-
-    def __iter__(self) -> ResultStream[T]:
-        return self
-
-    def __next__(self) -> str:
-        if self._done:
-            raise StopIteration
-        try:
-            return next(self._gen)
-        except StopIteration as stop:
-            self._done = True
-            self._result = stop.value
-            raise StopIteration from None
-
-    @property
-    def done(self) -> bool:
-        """Whether the stream has ended (exhausted or closed)."""
-        return self._done
-
-    @property
-    def result(self) -> T:
-        """The final result; only after the stream was iterated to its end."""
-        if not self._done or self._result is None:
-            raise RuntimeError("the stream has not finished: iterate it to the end first")
-        return self._result
-
-    def collect(self) -> T:
-        """Consume the remaining deltas and return the result."""
-        for _ in self:
-            pass
-        return self.result
-
-    def close(self) -> None:
-        """Stop generating; frees the KV cache held by the suspended loop."""
-        self._gen.close()
-        self._done = True
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,125 +125,6 @@ def _locate(spec: ModelSpec) -> Path:
     except ModelNotFoundError as exc:
         # The registry's offline hint names the embedder's key; say which key to set here.
         raise ModelNotFoundError(str(exc).replace("embedder.model", "generator.model")) from None
-
-
-# ---------------------------------------------------------------------------------------
-# Per-sequence decoding state
-# ---------------------------------------------------------------------------------------
-
-
-class _IncrementalDecoder:
-    """Token ids → text deltas without re-decoding the whole sequence at every step.
-
-    Decodes a short window (the previous delta's tokens plus the new ones) and keeps what the new
-    tokens add, which also gets word-initial spaces right for SentencePiece tokenizers. A trailing
-    U+FFFD means a UTF-8 character split across byte-level tokens: wait for the next token.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tok = tokenizer
-        self.ids: list[int] = []
-        self._prefix = 0
-        self._read = 0
-
-    def _decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        prefix_text = self._decode(self.ids[self._prefix : self._read])
-        new_text = self._decode(self.ids[self._prefix :])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self.ids)
-            return new_text[len(prefix_text) :]
-        return ""
-
-    def flush(self) -> str:
-        prefix_text = self._decode(self.ids[self._prefix : self._read])
-        new_text = self._decode(self.ids[self._prefix :])
-        self._prefix = self._read = len(self.ids)
-        return new_text[len(prefix_text) :]
-
-
-class _Sequence:
-    """One output sequence: its text, stop-sequence handling and what has been streamed."""
-
-    def __init__(self, tokenizer: Any, stop: Sequence[str], max_tokens: int, prompt_tokens: int) -> None:
-        self.decoder = _IncrementalDecoder(tokenizer)
-        self.stop = tuple(s for s in stop if s)
-        self._max_stop = max((len(s) for s in self.stop), default=0)
-        self.max_tokens = max_tokens
-        self.prompt_tokens = prompt_tokens
-        self.text = ""
-        self.emitted = 0
-        self.n_tokens = 0
-        self.finish_reason: FinishReason | None = None
-        self.finished_at = 0.0
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    def push(self, token_id: int, is_eos: bool) -> str:
-        """Add one generated token; return the text that is now safe to stream."""
-        self.n_tokens += 1
-        if is_eos:
-            return self._finish("stop", self.decoder.flush())
-        delta = self.decoder.push(token_id)
-        if delta and self._append(delta):
-            return self._release(final=True)
-        if self.n_tokens >= self.max_tokens:
-            return self._finish("length", self.decoder.flush())
-        return self._release(final=False)
-
-    def _append(self, delta: str) -> bool:
-        """Append text; True when it completed a stop sequence (text then cut before it)."""
-        # Only a stop string that overlaps the new text can be new.
-        start = max(0, len(self.text) - self._max_stop + 1)
-        self.text += delta
-        hits = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            self.finish_reason = "stop"
-            return True
-        return False
-
-    def _finish(self, reason: FinishReason, tail: str) -> str:
-        if not (tail and self._append(tail)):
-            self.finish_reason = reason
-        return self._release(final=True)
-
-    def _release(self, *, final: bool) -> str:
-        # Hold back a suffix that may be the start of a stop string, so streamed text never
-        # contains (part of) a stop sequence that the final text trims.
-        end = len(self.text) if final else len(self.text) - self._held_back()
-        out = self.text[self.emitted : end]
-        self.emitted = max(self.emitted, end)
-        return out
-
-    def _held_back(self) -> int:
-        for k in range(min(self._max_stop - 1, len(self.text)), 0, -1):
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self.stop):
-                return k
-        return 0
-
-
-@dataclass
-class _Options:
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    stop: list[str]
-    seed: int
-    min_new_tokens: int
-
-
-@dataclass
-class _RunStats:
-    t0: float
-    first_token_at: float | None = None
-    source_logprobs: list[float] | None = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -500,6 +294,8 @@ class Generator:
         stop: Sequence[str] | str | None = None,
         seed: int | None = None,
         min_new_tokens: int = 0,
+        repetition_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
     ) -> GenerationResult:
         """Generate a reply to a chat.
 
@@ -514,6 +310,11 @@ class Generator:
                 same seed and inputs give the same sample.
             min_new_tokens: Suppress end-of-sequence before this many tokens (benchmarks use it
                 to force equal lengths; stop sequences still apply).
+            repetition_penalty: Penalty (>= 1) on tokens already generated; None takes the
+                config's. Only generated tokens count, never the prompt (see
+                :func:`~ragops.retrieval.decoding.penalize_repeats`).
+            no_repeat_ngram_size: Never repeat an n-gram of the reply; 0 is off, None takes the
+                config's.
 
         Returns:
             The generated text with finish reason, token counts and timings.
@@ -524,6 +325,7 @@ class Generator:
         return self.stream(
             messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             stop=stop, seed=seed, min_new_tokens=min_new_tokens,
+            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
         ).collect()
 
     def stream(
@@ -536,6 +338,8 @@ class Generator:
         stop: Sequence[str] | str | None = None,
         seed: int | None = None,
         min_new_tokens: int = 0,
+        repetition_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
     ) -> ResultStream[GenerationResult]:
         """Like :meth:`generate`, but yields text deltas as they are decoded.
 
@@ -545,16 +349,17 @@ class Generator:
         """
         t0 = time.perf_counter()
         self.warm_up()
-        opts = self._options(max_new_tokens, temperature, top_p, stop, seed, min_new_tokens)
+        opts = self._options(max_new_tokens, temperature, top_p, stop, seed, min_new_tokens,
+                             repetition_penalty, no_repeat_ngram_size)  # fmt: skip
         ids, max_new = self._prepare(messages, opts.max_new_tokens)
-        seq = _Sequence(self._tokenizer, opts.stop, max_new, len(ids))
+        seq = SequenceState(self._tokenizer, opts.stop, max_new, len(ids), stop_on_repeat=opts.stop_on_repeat)
 
         def run() -> PyGenerator[str, None, GenerationResult]:
-            stats = _RunStats(t0)
+            stats = RunStats(t0)
             for deltas in self._decode([ids], [seq], opts, stats, fusion=None):
                 if deltas[0]:
                     yield deltas[0]
-            return _result(seq, stats)
+            return sequence_result(seq, stats)
 
         return ResultStream(run())
 
@@ -568,6 +373,8 @@ class Generator:
         stop: Sequence[str] | str | None = None,
         seed: int | None = None,
         min_new_tokens: int = 0,
+        repetition_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
     ) -> list[GenerationResult]:
         """Generate replies to several chats in one left-padded batch.
 
@@ -586,13 +393,14 @@ class Generator:
         self.warm_up()
         if not batch:
             return []
-        opts = self._options(max_new_tokens, temperature, top_p, stop, seed, min_new_tokens)
+        opts = self._options(max_new_tokens, temperature, top_p, stop, seed, min_new_tokens,
+                             repetition_penalty, no_repeat_ngram_size)  # fmt: skip
         prepared = [self._prepare(messages, opts.max_new_tokens) for messages in batch]
-        seqs = [_Sequence(self._tokenizer, opts.stop, n, len(ids)) for ids, n in prepared]
-        stats = _RunStats(t0)
+        seqs = [SequenceState(self._tokenizer, opts.stop, n, len(ids), stop_on_repeat=opts.stop_on_repeat) for ids, n in prepared]
+        stats = RunStats(t0)
         for _ in self._decode([ids for ids, _ in prepared], seqs, opts, stats, fusion=None):
             pass
-        return [_result(seq, stats) for seq in seqs]
+        return [sequence_result(seq, stats) for seq in seqs]
 
     def stream_fused(
         self,
@@ -605,6 +413,8 @@ class Generator:
         stop: Sequence[str] | str | None = None,
         seed: int | None = None,
         min_new_tokens: int = 0,
+        repetition_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
     ) -> ResultStream[GenerationResult]:
         """Decode ONE reply from several prompts by fusing their next-token distributions.
 
@@ -632,17 +442,20 @@ class Generator:
             raise InputError("fused decoding needs at least one prompt")
         if fusion not in FUSIONS:
             raise InputError(f"unknown fusion '{fusion}'; allowed: {', '.join(FUSIONS)}")
-        opts = self._options(max_new_tokens, temperature, top_p, stop, seed, min_new_tokens)
+        opts = self._options(max_new_tokens, temperature, top_p, stop, seed, min_new_tokens,
+                             repetition_penalty, no_repeat_ngram_size)  # fmt: skip
         prepared = [self._prepare(messages, opts.max_new_tokens) for messages in batch]
         max_new = min(n for _, n in prepared)
-        seq = _Sequence(self._tokenizer, opts.stop, max_new, sum(len(ids) for ids, _ in prepared))
+        seq = SequenceState(
+            self._tokenizer, opts.stop, max_new, sum(len(ids) for ids, _ in prepared), stop_on_repeat=opts.stop_on_repeat
+        )
 
         def run() -> PyGenerator[str, None, GenerationResult]:
-            stats = _RunStats(t0)
+            stats = RunStats(t0)
             for deltas in self._decode([ids for ids, _ in prepared], [seq], opts, stats, fusion=fusion):
                 if deltas[0]:
                     yield deltas[0]
-            return _result(seq, stats)
+            return sequence_result(seq, stats)
 
         return ResultStream(run())
 
@@ -662,15 +475,20 @@ class Generator:
         stop: Sequence[str] | str | None,
         seed: int | None,
         min_new_tokens: int,
-    ) -> _Options:
+        repetition_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
+    ) -> DecodeOptions:
         cfg = self.cfg
-        opts = _Options(
+        opts = DecodeOptions(
             max_new_tokens=cfg.max_new_tokens if max_new_tokens is None else int(max_new_tokens),
             temperature=cfg.temperature if temperature is None else float(temperature),
             top_p=cfg.top_p if top_p is None else float(top_p),
             stop=list(cfg.stop) if stop is None else ([stop] if isinstance(stop, str) else list(stop)),
             seed=cfg.seed if seed is None else int(seed),
             min_new_tokens=int(min_new_tokens),
+            repetition_penalty=cfg.repetition_penalty if repetition_penalty is None else float(repetition_penalty),
+            no_repeat_ngram_size=cfg.no_repeat_ngram_size if no_repeat_ngram_size is None else int(no_repeat_ngram_size),
+            stop_on_repeat=cfg.stop_on_repeat,
         )
         if opts.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1 (got {opts.max_new_tokens})")
@@ -678,6 +496,10 @@ class Generator:
             raise InputError(f"temperature must be >= 0 (got {opts.temperature})")
         if not 0 < opts.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1] (got {opts.top_p})")
+        if not 1.0 <= opts.repetition_penalty <= 2.0:
+            raise InputError(f"repetition_penalty must be in [1, 2] (got {opts.repetition_penalty})")
+        if opts.no_repeat_ngram_size < 0:
+            raise InputError(f"no_repeat_ngram_size must be >= 0 (got {opts.no_repeat_ngram_size})")
         if not all(isinstance(s, str) for s in opts.stop):
             raise InputError("stop must be a string or a list of strings")
         return opts
@@ -732,9 +554,9 @@ class Generator:
     def _decode(
         self,
         prompts: list[list[int]],
-        seqs: list[_Sequence],
-        opts: _Options,
-        stats: _RunStats,
+        seqs: list[SequenceState],
+        opts: DecodeOptions,
+        stats: RunStats,
         fusion: Fusion | None,
     ) -> Iterator[list[str]]:
         """The decoding loop: yields, per step, each sequence's new streamable text.
@@ -757,6 +579,10 @@ class Generator:
         step = 0
         while True:
             block_eos = step < opts.min_new_tokens
+            if step and (opts.repetition_penalty != 1.0 or opts.no_repeat_ngram_size):
+                # Fused rows share one output sequence, so one history serves every row.
+                hist = [seqs[0].generated_ids] * rows if fusion else [s.generated_ids for s in seqs]
+                logits = penalize_repeats(logits, hist, opts.repetition_penalty, opts.no_repeat_ngram_size)
             if fusion:
                 token, row_lp = self._pick_fused(logits, fusion, opts, sampler, block_eos)
                 source_lp = [a + b for a, b in zip(source_lp, row_lp)]  # type: ignore[arg-type]
@@ -813,7 +639,7 @@ class Generator:
             out = self._model(**kwargs)
             return out.logits[:, -1, :].float(), out.get(self._cache_arg)
 
-    def _pick(self, logits: torch.Tensor, opts: _Options, sampler: Any, block_eos: bool) -> torch.Tensor:
+    def _pick(self, logits: torch.Tensor, opts: DecodeOptions, sampler: Any, block_eos: bool) -> torch.Tensor:
         """Greedy argmax at temperature 0, else temperature + nucleus sampling."""
         import torch
 
@@ -834,7 +660,7 @@ class Generator:
             return torch.multinomial(scaled.softmax(-1), 1, generator=sampler).squeeze(-1)
 
     def _pick_fused(
-        self, logits: torch.Tensor, fusion: Fusion, opts: _Options, sampler: Any, block_eos: bool
+        self, logits: torch.Tensor, fusion: Fusion, opts: DecodeOptions, sampler: Any, block_eos: bool
     ) -> tuple[int, list[float]]:
         """Fuse the rows' next-token distributions, pick one token; per-row log-prob of it."""
         import torch
@@ -888,22 +714,3 @@ def _validate_messages(messages: Sequence[Mapping[str, str]]) -> list[Message]:
             raise InputError(f"message {i}: content must be a string")
         out.append({"role": m["role"], "content": m["content"]})
     return out
-
-
-def _result(seq: _Sequence, stats: _RunStats) -> GenerationResult:
-    end = seq.finished_at or time.perf_counter()
-    first = stats.first_token_at if stats.first_token_at is not None else end
-    total = end - stats.t0
-    decode = end - first
-    if seq.n_tokens > 1 and decode > 0:
-        tps = (seq.n_tokens - 1) / decode
-    else:
-        tps = seq.n_tokens / total if total > 0 else 0.0
-    return GenerationResult(
-        text=seq.text,
-        finish_reason=seq.finish_reason or "length",
-        prompt_tokens=seq.prompt_tokens,
-        completion_tokens=seq.n_tokens,
-        timings=GenerationTimings(time_to_first_token_s=first - stats.t0, total_s=total, tokens_per_s=tps),
-        source_logprobs=list(stats.source_logprobs) if stats.source_logprobs is not None else None,
-    )

@@ -15,21 +15,49 @@ from typing import Any
 from ragops.retrieval.context import assemble_context
 from ragops.retrieval.generation import Generator, ResultStream
 from ragops.retrieval.prompts import Passage
-from ragops.retrieval.readers import ReaderResult, get_reader
+from ragops.retrieval.extractive import ExtractiveReader, SentenceScorer, shared_embedder, shared_reranker
+from ragops.retrieval.grounding import GroundedReader
+from ragops.retrieval.readers import ReaderResult, check_reader_name, get_reader
 from ragops.retrieval.search import Retriever, SearchFilters, SearchResult
 
 from ragops.config import Settings
 from ragops.errors import InputError
+from ragops.sparse import BM25Encoder
 
-def reader_for(settings: Settings, generator: Any, name: str | None = None) -> Any:
+def sentence_scorer(settings: Settings, embedder: Any = None) -> SentenceScorer:
+    """The extractive scorer of ``settings``: the retrieval embedder (shared in this process, or
+    ``embedder``), the retrieval cross-encoder when one is configured, the collection's BM25."""
+    rerank = settings.retrieval.rerank
+    cross = shared_reranker(rerank, settings.embedder.device) if rerank.model else None
+    ext = settings.generator.extractive
+    return SentenceScorer(embedder or shared_embedder(settings.embedder), cross_encoder=cross,
+                          bm25=BM25Encoder(settings.ingest.sparse), dense_weight=ext.dense_weight,
+                          min_words=ext.min_words)  # fmt: skip
+
+
+def reader_for(settings: Settings, generator: Any, name: str | None = None, *, embedder: Any = None) -> GroundedReader:
     """The reader ``name`` (default: ``generator.reader`` from config) over ``generator``, checked.
 
-    Shared by the CLI pipeline and the serving layer so both validate and size readers alike.
+    Every reader comes wrapped in the abstention and grounding checks of ``generator.grounding``
+    (see :mod:`ragops.retrieval.grounding`). Shared by the CLI pipeline and the serving layer so
+    both validate, size and check readers alike.
+
+    Args:
+        settings: The settings.
+        generator: The generation backend (unused by the extractive reader).
+        name: ``stuff``, ``fid`` or ``extractive``; None takes the config's.
+        embedder: The sentence scorer's embedder (the retriever's, to load it once).
 
     Raises:
         InputError: an unknown reader name.
     """
-    return get_reader(name or settings.generator.reader, generator, context_tokens=settings.generator.context_tokens)
+    g = settings.generator
+    name = name or g.reader
+    check_reader_name(name)
+    ext = ExtractiveReader(sentence_scorer(settings, embedder), max_sentences=g.extractive.max_sentences,
+                           keep_ratio=g.extractive.keep_ratio)  # fmt: skip
+    inner = ext if name == "extractive" else get_reader(name, generator, context_tokens=g.context_tokens)
+    return GroundedReader(inner, ext, mode=g.grounding, min_support=g.min_support, abstain_below=g.abstain_below)
 
 
 @dataclass
@@ -44,6 +72,9 @@ class Answer:
         reader: 'stuff' or 'fid'.
         usage: prompt/completion token counts.
         finish_reason: 'stop' or 'length'.
+        grounding: The grounding check's report (``GroundingReport.to_dict()``), None when off.
+        abstained: The documents do not cover the question (the answer says so).
+        flagged_passages: Passages with instruction-like text that was neutralised.
     """
 
     question: str
@@ -55,12 +86,24 @@ class Answer:
     usage: dict[str, int] = field(default_factory=dict)
     finish_reason: str = "stop"
     query_truncated: bool = False
+    grounding: dict[str, Any] | None = None
+    abstained: bool = False
+    flagged_passages: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def grounded(self) -> bool | None:
+        """Whether the grounding check found the answer supported (None when it did not run)."""
+        return None if self.grounding is None else bool(self.grounding["grounded"])
 
     def to_dict(self, *, with_passages: bool = False) -> dict[str, Any]:
-        """``{"answer", "citations", "timings", ...}`` as ``ragops ask --json`` prints it."""
+        """``{"answer", "citations", "grounded", "grounding", ...}`` as ``ragops ask --json`` prints it."""
         d: dict[str, Any] = {
             "answer": self.answer,
             "citations": self.citations,
+            "grounded": self.grounded,
+            "abstained": self.abstained,
+            "grounding": self.grounding,
+            "flagged_passages": self.flagged_passages,
             "timings": self.timings,
             "reader": self.reader,
             "usage": self.usage,
@@ -77,11 +120,28 @@ def passage_dict(p: Passage) -> dict[str, Any]:
 
 
 def citation_dicts(result: ReaderResult) -> list[dict[str, Any]]:
-    """The reader's cited passages as citation records."""
-    return [
-        {"n": p.n, "doc_id": p.doc_id, "chunk_id": p.chunk_id, "source": p.source, "score": p.score}
-        for p in result.cited_passages
-    ]
+    """The reader's cited passages as citation records.
+
+    Extractive answers add the exact span: ``start``/``end`` character offsets into the
+    passage text and the ``quote`` itself (the first quoted span of that passage).
+    """
+    spans: dict[int, Any] = {}
+    for q in result.quotes or []:
+        spans.setdefault(q.n, q)
+    out = []
+    for p in result.cited_passages:
+        rec: dict[str, Any] = {"n": p.n, "doc_id": p.doc_id, "chunk_id": p.chunk_id, "source": p.source, "score": p.score}
+        if p.n in spans:
+            q = spans[p.n]
+            rec.update(start=q.start, end=q.end, quote=q.text)
+        out.append(rec)
+    return out
+
+
+def flagged_dicts(passages: list[Passage]) -> list[dict[str, Any]]:
+    """Passages whose instruction-like text or template tokens were neutralised."""
+    return [{"n": p.n, "doc_id": p.doc_id, "chunk_id": p.chunk_id, "source": p.source, "flags": list(p.flags)}
+            for p in passages if p.flags]  # fmt: skip
 
 
 class AnswerStream(Iterator[str]):
@@ -130,6 +190,9 @@ def _to_answer(question: str, search: SearchResult, res: ReaderResult, started: 
         usage={"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens},
         finish_reason=res.finish_reason,
         query_truncated=search.query_truncated,
+        grounding=res.grounding.to_dict() if res.grounding is not None else None,
+        abstained=res.abstained,
+        flagged_passages=flagged_dicts(list(res.passages)),
     )
 
 
@@ -190,7 +253,7 @@ class RAGPipeline:
         return result, passages
 
     def _reader(self, reader: str | None) -> Any:
-        return reader_for(self.settings, self.generator, reader)
+        return reader_for(self.settings, self.generator, reader, embedder=self.retriever.encoder.embedder)
 
     # -- answering -----------------------------------------------------------------------
     def ask(self, question: str, *, k: int | None = None, mode: str | None = None, reader: str | None = None,

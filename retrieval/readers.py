@@ -71,6 +71,7 @@ from ragops.retrieval.generation import (
     Generator,
     ResultStream,
 )
+from ragops.retrieval.injection import neutralize
 from ragops.retrieval.prompts import (
     FID_SYSTEM_PROMPT,
     STUFF_SYSTEM_PROMPT,
@@ -103,6 +104,10 @@ class ReaderResult:
         completion_tokens: Generated tokens.
         timings: From the ``read``/``stream`` call: time to first token, total, decode tokens/s.
         attribution: FiD only: posterior of each passage given the answer (sums to 1).
+        quotes: Extractive answers: the exact spans quoted (passage number and offsets).
+        evidence: Best candidate-sentence score for the question (0..1; abstention uses it).
+        grounding: The grounding check's report (per-sentence support), when it ran.
+        abstained: The answer says the documents do not cover the question.
     """
 
     answer: str
@@ -114,6 +119,10 @@ class ReaderResult:
     completion_tokens: int
     timings: GenerationTimings
     attribution: list[float] | None = None
+    quotes: list[Any] | None = None
+    evidence: float | None = None
+    grounding: Any = None
+    abstained: bool = False
 
     @property
     def cited_passages(self) -> list[Passage]:
@@ -158,7 +167,8 @@ class _BaseReader(ABC):
         t0 = time.perf_counter()
         if not isinstance(question, str) or not question.strip():
             raise InputError("the question is empty")
-        fitted = self._fit(as_passages(passages))
+        # Passages are data: injected instructions and template tokens are neutralised first.
+        fitted = self._fit([neutralize(p) for p in as_passages(passages)])
         called = time.perf_counter()
         inner = self._generate(question, fitted, gen_kwargs)
         offset = called - t0
@@ -334,6 +344,15 @@ def cite_from_posterior(posterior: Sequence[float], mass: float = 0.9, max_citat
 
 
 READERS: dict[str, type[_BaseReader]] = {"stuff": StuffReader, "fid": FiDReader}
+#: Every reader name: the generative ones above and the extractive reader (no generator; it is
+#: built by :func:`ragops.retrieval.rag.reader_for`, which has the embedder it scores with).
+READER_NAMES = (*READERS, "extractive")
+
+
+def check_reader_name(name: str) -> None:
+    """Raise :class:`InputError` naming the allowed readers unless ``name`` is one."""
+    if name not in READER_NAMES:
+        raise InputError(f"unknown reader '{name}'; allowed: {', '.join(READER_NAMES)}")
 
 
 def get_reader(name: str, generator: Generator, **options: Any) -> Reader:
@@ -347,8 +366,7 @@ def get_reader(name: str, generator: Generator, **options: Any) -> Reader:
     Raises:
         InputError: unknown reader name (the message lists the allowed ones).
     """
-    try:
-        cls = READERS[name]
-    except KeyError:
-        raise InputError(f"unknown reader '{name}'; allowed: {', '.join(READERS)}") from None
-    return cls(generator, **options)
+    check_reader_name(name)
+    if name not in READERS:
+        raise InputError(f"the '{name}' reader has no generator; build it with ragops.retrieval.rag.reader_for")
+    return READERS[name](generator, **options)
