@@ -265,7 +265,11 @@ def ask(
     question: Annotated[str, typer.Argument(help="The question.")],
     k: Annotated[int, typer.Option("--k", min=1, max=100, help="Passages retrieved.")] = 5,
     mode: ModeOpt = None,
-    reader: Annotated[Optional[str], typer.Option("--reader", help="stuff | fid (default from config: stuff).")] = None,
+    reader: Annotated[
+        Optional[str],
+        typer.Option("--reader", help="extractive | stuff | fid (default from config: extractive, the passages' own "
+                     "best sentences; stuff and fid generate, checked by generator.grounding)."),
+    ] = None,
     stream: Annotated[bool, typer.Option("--stream", help="Print the answer as it is generated.")] = False,
     model: Annotated[
         Optional[str], typer.Option("--model", help="Generator: a registry model, a local path, or a trained adapter/alias.")
@@ -281,7 +285,13 @@ def ask(
 ) -> None:
     r"""Answer a question from the collection, citing the passages used as \[n].
 
-    --json prints {"answer", "citations": [{"n", "doc_id", "chunk_id", "source", "score"}], "timings"}.
+    Every answer is checked against its passages (generator.grounding, default fallback):
+    unsupported generated answers are replaced by the extractive answer, and a question the
+    documents do not cover gets that reply with the closest sources instead of a guess.
+
+    --json prints {"answer", "citations": [{"n", "doc_id", "chunk_id", "source", "score",
+    "start", "end", "quote"}], "grounded", "abstained", "grounding": {"support", "action",
+    "sentences": [{"text", "support", "citations"}]}, "flagged_passages", "timings"}.
     """
     from ragops.retrieval.rag import RAGPipeline
 
@@ -309,9 +319,21 @@ def ask(
             out.print(answer.answer, highlight=False, markup=False)
         out.print()
         for c in answer.citations:
-            out.print(f"[{c['n']}] {c['doc_id']}  ({c['source']}, score {c['score']:.3f})", highlight=False, markup=False)
-        if not answer.citations:
+            where = f", chars {c['start']}-{c['end']}" if "start" in c else ""
+            out.print(f"[{c['n']}] {c['doc_id']}  ({c['source']}, score {c['score']:.3f}{where})", highlight=False, markup=False)
+        if answer.abstained:
+            for p in answer.passages[:3]:
+                out.print(f"    closest: {p.doc_id}  ({p.source})", highlight=False, markup=False)
+        elif not answer.citations:
             err.print("[dim]no passage cited[/]")
+        g = answer.grounding
+        if g is not None and not answer.abstained:
+            note = {"fallback": " · generated answer was unsupported: extractive answer shown",
+                    "repaired": f" · {g['citations_fixed']} citation(s) repaired",
+                    "flagged": " · NOT GROUNDED in the passages"}.get(g["action"], "")  # fmt: skip
+            err.print(f"[dim]support {g['support']:.2f}{note}[/]")
+        for f in answer.flagged_passages:
+            err.print(f"[yellow]passage [{f['n']}] {f['doc_id']} held instruction-like text ({', '.join(f['flags'])}): neutralised[/]")
         t = answer.timings
         err.print(f"[dim]retrieve {t['retrieve_s']:.2f}s · first token {t['time_to_first_token_s']:.2f}s · "
                   f"{t['tokens_per_s']:.1f} tokens/s · total {t['total_s']:.2f}s[/]")  # fmt: skip
@@ -380,7 +402,7 @@ def eval_answers(
     ] = None,
     k: Annotated[int, typer.Option("--k", min=1, max=100, help="Passages retrieved per question.")] = 5,
     mode: ModeOpt = None,
-    reader: Annotated[Optional[str], typer.Option("--reader", help="stuff | fid.")] = None,
+    reader: Annotated[Optional[str], typer.Option("--reader", help="extractive | stuff | fid.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1)] = None,
     collection: CollectionOpt = None,
     config: ConfigOpt = None,

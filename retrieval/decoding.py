@@ -255,7 +255,9 @@ class SequenceState:
         """Close the units (lines, sentences) that end in ``text[scan:]``; True on a repeat."""
         if not self.stop_on_repeat:
             return False
-        i = scan
+        # One character back: a full stop that ended the previous delta ends a sentence only
+        # once the whitespace after it has arrived.
+        i = max(self._unit_start, scan - 1)
         while i < len(self.text):
             c = self.text[i]
             ends = c in _UNIT_END or (c in _SENTENCE_END and i + 1 < len(self.text) and self.text[i + 1].isspace())
@@ -300,6 +302,9 @@ class SequenceState:
             if any(s.startswith(tail) for s in self.stop):
                 held = k
                 break
+        if self.stop_on_repeat:
+            # Trailing whitespace waits for what follows it: if a repeat follows, it goes too.
+            held = max(held, len(self.text) - len(self.text.rstrip()))
         if self.stop_on_repeat and self._units:
             # The open unit (with the whitespace before it) while it reads like an earlier one.
             partial = self.text[self._unit_start :]

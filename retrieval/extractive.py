@@ -50,7 +50,7 @@ from ragops.sparse import BM25Encoder
 #: Sentence ends: ., ! or ? before whitespace, and line breaks.
 _BOUNDARY = re.compile(r"(?<=[.!?])\s+|\n+")
 #: List markers and heading hashes trimmed from the start of a quote.
-_LEAD = re.compile(r"^(?:#{1,6}\s+|[-*+•]\s+|\d{1,3}[.)]\s+|>\s+)+")
+_LEAD = re.compile(r"(?:#{1,6}\s+|[-*+•]\s+|\d{1,3}[.)]\s+|>\s+)+")
 #: A quote longer than this is cut at a word boundary (tables and lists without full stops).
 MAX_QUOTE_CHARS = 400
 
@@ -79,7 +79,29 @@ class Candidate:
 
 
 def sentence_spans(text: str) -> list[tuple[int, int]]:
-    """``(start, end)`` of each sentence of ``text``: trimmed of whitespace and list markers."""
+    """``(start, end)`` of each sentence of ``text``: trimmed of whitespace and list markers.
+
+    A sentence that ends in a colon keeps the list or lines right after it (up to the next
+    blank line, at most :data:`MAX_QUOTE_CHARS`): "the common profiles are:" says nothing
+    without its items.
+    """
+    spans = _plain_spans(text)
+    out: list[tuple[int, int]] = []
+    for s, e in spans:
+        if text[e - 1 : e] == ":":
+            stop = text.find("\n\n", e)
+            stop = len(text) if stop < 0 else stop
+            stop = min(stop, s + MAX_QUOTE_CHARS)
+            while stop > e and text[stop - 1].isspace():
+                stop -= 1
+            if stop > e:
+                out.append((s, stop))
+                continue
+        out.append((s, e))
+    return out
+
+
+def _plain_spans(text: str) -> list[tuple[int, int]]:
     spans, pos = [], 0
     for m in [*_BOUNDARY.finditer(text), None]:
         end = m.start() if m else len(text)

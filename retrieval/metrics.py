@@ -163,13 +163,14 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
 def normalize_answer(text: str) -> str:
-    """SQuAD normalization: lower-case, drop punctuation and articles, collapse whitespace.
+    """SQuAD normalization: lower-case, drop punctuation (and backticks) and articles, collapse whitespace.
 
     Punctuation is any Unicode punctuation character (SQuAD's script knows only ASCII), so
     the curly quotes and dashes generators like to emit are removed too.
     """
     text = text.lower()
-    text = "".join(ch for ch in text if not unicodedata.category(ch).startswith("P"))
+    # Backticks (a symbol, not punctuation, in Unicode) too: answers quote code as `name`.
+    text = "".join(ch for ch in text if not unicodedata.category(ch).startswith("P") and ch != "`")
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 

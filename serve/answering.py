@@ -113,7 +113,7 @@ def start_answer(generator: Any, settings: Settings, req: AnswerRequest) -> Answ
     the first ``next()``; errors in the prompt or the options raise here.
     """
     started = time.perf_counter()
-    reader = reader_for(settings, generator, req.reader)  # validate before any work
+    reader = reader_for(settings, generator, req.reader)  # validate before any work (sentence scorer shared per process)
     passages = assemble_context(req.search.hits, store=None, settings=settings, count_tokens=generator.count_tokens)
     return AnswerStream(req.question, req.search, reader.stream(req.question, passages, **req.options()), started)
 
@@ -164,6 +164,13 @@ def answer_batch(generator: Generator, settings: Settings, requests: Sequence[An
         except Exception as exc:  # noqa: BLE001 - one bad request must not fail the batch
             results[i] = error_dict(exc)
     for members in groups.values():
+        # A reader that abstained (weak evidence) built no prompt: its answer is already final.
+        for i, deferred, stream in members:
+            if deferred.messages is None:
+                results[i] = _finish(stream, 1)
+        members = [m for m in members if m[1].messages is not None]
+        if not members:
+            continue
         try:
             outputs = generator.generate_batch([d.messages for _, d, _ in members], **members[0][1].options)  # type: ignore[misc]
         except Exception as exc:  # noqa: BLE001
@@ -172,17 +179,19 @@ def answer_batch(generator: Generator, settings: Settings, requests: Sequence[An
             continue
         for (i, deferred, stream), output in zip(members, outputs, strict=True):
             deferred.result = output
-            try:
-                for _ in stream:
-                    pass
-                results[i] = {**answer_dict(stream), "batch_size": len(members)}
-            except Exception as exc:  # noqa: BLE001
-                results[i] = error_dict(exc)
+            results[i] = _finish(stream, len(members))
     return [r if r is not None else error_dict(RuntimeError("no result")) for r in results]
 
 
+def _finish(stream: AnswerStream, batch_size: int) -> dict[str, Any]:
+    """Run a started answer to its end: the answer dict, or the error as data."""
+    try:
+        for _ in stream:
+            pass
+        return {**answer_dict(stream), "batch_size": batch_size}
+    except Exception as exc:  # noqa: BLE001 - one bad request must not fail the batch
+        return error_dict(exc)
+
+
 def _answer_alone(generator: Generator, settings: Settings, req: AnswerRequest) -> dict[str, Any]:
-    stream = start_answer(generator, settings, req)
-    for _ in stream:
-        pass
-    return {**answer_dict(stream), "batch_size": 1}
+    return _finish(start_answer(generator, settings, req), 1)

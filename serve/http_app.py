@@ -505,6 +505,8 @@ async def _log_answer(ctx: IngressContext, record: dict[str, Any], answer: dict[
         "usage": answer.get("usage", {}),
         "finish_reason": answer.get("finish_reason"),
         "reader": answer.get("reader"),
+        "grounded": answer.get("grounded"),
+        "abstained": answer.get("abstained", False),
     }
     ctx.metrics.observe_answer(record["requested_model"], answer)
     try:

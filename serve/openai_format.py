@@ -1,9 +1,12 @@
 """OpenAI response objects: chat completions (whole and streamed), embeddings, model lists.
 
 Extensions ride along as extra top-level fields, which OpenAI clients keep and ignore:
-``citations`` (``[{n, doc_id, chunk_id, source, score}]``) on the completion and on the last
-streamed chunk, and ``ragops`` (timings, reader, whether the query was truncated, and for whole
-answers the size of the batch they were decoded in).
+``citations`` (``[{n, doc_id, chunk_id, source, score}]``, extractive answers add ``start``,
+``end`` and ``quote``) and ``grounded`` (the grounding check's verdict, null when it is off) on
+the completion and on the last streamed chunk, and ``ragops`` (timings, reader, whether the
+query was truncated, ``abstained``, ``grounding`` with per-sentence support scores,
+``flagged_passages`` that carried instruction-like text, and for whole answers the size of the
+batch they were decoded in).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ def _extension(answer: dict[str, Any]) -> dict[str, Any]:
         "timings": answer.get("timings", {}),
         "reader": answer.get("reader"),
         "query_truncated": bool(answer.get("query_truncated", False)),
+        "abstained": bool(answer.get("abstained", False)),
+        "grounding": answer.get("grounding"),
+        "flagged_passages": answer.get("flagged_passages", []),
     }
     if "batch_size" in answer:  # whole answers: how many were decoded in the same batch
         ext["batch_size"] = answer["batch_size"]
@@ -56,6 +62,7 @@ def chat_completion(request_id: str, model: str, created: int, answer: dict[str,
         ],
         "usage": usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0)),
         "citations": answer.get("citations", []),
+        "grounded": answer.get("grounded"),
         "ragops": _extension(answer),
     }
 
@@ -83,7 +90,8 @@ def chunk(
 def final_chunk(request_id: str, model: str, created: int, answer: dict[str, Any]) -> dict[str, Any]:
     """The last content chunk: empty delta, finish reason, citations."""
     return chunk(request_id, model, created, {}, answer.get("finish_reason", "stop"),
-                 citations=answer.get("citations", []), ragops=_extension(answer))  # fmt: skip
+                 citations=answer.get("citations", []), grounded=answer.get("grounded"),
+                 ragops=_extension(answer))  # fmt: skip
 
 
 def usage_chunk(request_id: str, model: str, created: int, answer: dict[str, Any]) -> dict[str, Any]:

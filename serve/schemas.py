@@ -87,13 +87,13 @@ class RagOptions(_Body):
     Attributes:
         k: Passages retrieved (default ``serve.default_k``).
         mode: ``dense``, ``sparse`` or ``hybrid`` (default ``retrieval.mode``).
-        reader: ``stuff`` or ``fid`` (default ``generator.reader``).
+        reader: ``extractive``, ``stuff`` or ``fid`` (default ``generator.reader``).
         filters: Payload filters, e.g. ``{"source": "*.md", "tag": ["gpu"], "metadata": {"team": "ml"}}``.
     """
 
     k: int | None = Field(None, ge=1)
     mode: Literal["dense", "sparse", "hybrid"] | None = None
-    reader: Literal["stuff", "fid"] | None = None
+    reader: Literal["stuff", "fid", "extractive"] | None = None
     filters: dict[str, Any] | None = None
 
 

@@ -180,7 +180,7 @@ def test_pack_keeps_everything_that_fits_and_numbers_it() -> None:
 
 def test_pack_stops_when_little_budget_is_left() -> None:
     ten = " ".join(["w"] * 10)
-    # Each costs 11 tokens ("[n]" + 10 words); 3 fit in 40, 7 are left: not worth a cut.
+    # Each costs 13 tokens ("[n]", two quote fences, 10 words); 3 fit in 40, 1 is left: not worth a cut.
     out = pack(_passages(ten, ten, ten, ten, "short"), 40, words)
     assert len(out) == 3
     assert sum(_cost(p) for p in out) <= 40
@@ -191,7 +191,8 @@ def test_pack_truncates_the_last_passage_at_a_word_boundary() -> None:
     out = pack(_passages("a b c", long_text, "never reached"), 60, words)
     assert [p.n for p in out] == [1, 2]
     assert sum(_cost(p) for p in out) == 60  # the cut fills the budget exactly
-    assert out[1].text == " ".join(f"word{i}" for i in range(60 - 4 - 1))
+    # Passage 1 costs 6 ("[1]", the two quote fences, 3 words); passage 2's header 3.
+    assert out[1].text == " ".join(f"word{i}" for i in range(60 - 6 - 3))
     assert long_text.startswith(out[1].text)
 
 

@@ -71,7 +71,8 @@ def test_stuff_messages_number_passages_and_end_with_the_question() -> None:
     assert [m["role"] for m in messages] == ["system", "user"]
     assert "[n]" in messages[0]["content"] or "[1]" in messages[0]["content"]
     user = messages[1]["content"]
-    assert user.index("[1] Title: France\nParis") < user.index("[2] Title: Eiffel") < user.index("[3] Qdrant")
+    # Each passage's text is fenced as a quotation (passages are data, not instructions).
+    assert user.index('[1] Title: France\n"""\nParis') < user.index("[2] Title: Eiffel") < user.index('[3] """\nQdrant')
     assert user.endswith(f"Question: {QUESTION}")
     assert "no passages" in build_stuff_messages(QUESTION, [])[1]["content"]
 
@@ -143,7 +144,7 @@ def test_stuff_reader_parses_citations_from_the_answer() -> None:
 def test_stuff_reader_fits_the_context_budget() -> None:
     gen = ScriptedGenerator(["ok [3]"])
     long = Passage(n=3, text=" ".join(["word"] * 200))
-    reader = StuffReader(gen, context_tokens=60)  # type: ignore[arg-type]
+    reader = StuffReader(gen, context_tokens=70)  # type: ignore[arg-type]
     res = reader.read(QUESTION, [*PASSAGES[:2], long, PASSAGES[2]])
     # Passages 1-2 fit, the long third is shortened to the remaining budget, the fourth dropped.
     assert [p.n for p in res.passages] == [1, 2, 3]
