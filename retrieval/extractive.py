@@ -47,8 +47,8 @@ from ragops.retrieval.prompts import Passage, as_passages
 from ragops.retrieval.support import content_words
 from ragops.sparse import BM25Encoder
 
-#: Sentence ends: ., ! or ? before whitespace, and line breaks.
-_BOUNDARY = re.compile(r"(?<=[.!?])\s+|\n+")
+#: Sentence ends: ., ! or ? before whitespace (not a "1." list marker), and line breaks.
+_BOUNDARY = re.compile(r"(?<=[.!?])(?<!^\d\.)(?<!^\d\d\.)[ \t]+|\s*\n\s*", re.MULTILINE)
 #: List markers and heading hashes trimmed from the start of a quote.
 _LEAD = re.compile(r"(?:#{1,6}\s+|[-*+•]\s+|\d{1,3}[.)]\s+|>\s+)+")
 #: A quote longer than this is cut at a word boundary (tables and lists without full stops).

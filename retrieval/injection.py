@@ -88,8 +88,9 @@ def neutralize(passage: Passage) -> Passage:
             found = instruction_kinds(sentence)
             if found:
                 flags += [k for k in found if k not in flags]
-                trail = "\n" if sentence.endswith("\n") else " "
-                kept.append(REDACTED + trail)
+                lead = sentence[: len(sentence) - len(sentence.lstrip())]
+                trail = "\n" if sentence.endswith("\n") else ""
+                kept.append(lead + REDACTED + trail)
             else:
                 kept.append(sentence)
         text = "".join(kept).strip()
