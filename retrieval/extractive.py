@@ -166,12 +166,19 @@ class SentenceScorer:
         texts = [p.text[s:e] for p, s, e in raw]
         contexts = [f"{p.title}: {t}" if p.title else t for (p, _, _), t in zip(raw, texts)]
         dense = self._dense(question, contexts)
-        lexical = self._lexical(question, contexts)
+        lexical = self._lexical(question, texts, [p.title or "" for p, _, _ in raw])
         w = self.dense_weight
+        defines = _definition_patterns(question)
+        # A name the question asks about ("Milvus", "B200", "--swap-space") that no passage
+        # mentions means the passages are about something else, however close the topic.
+        pool = " ".join(f"{p.title or ''} {p.text}" for p in passages).lower()
+        missing = [t for t in named_terms(question) if t.lower() not in pool]
+        damp = MISSING_NAME_FACTOR ** min(len(missing), 2)
         out = [
-            Candidate(n=p.n, start=s, end=e, text=t, dense=d, lexical=lx, score=w * d + (1 - w) * lx)
+            Candidate(n=p.n, start=s, end=e, text=t, dense=d, lexical=lx,
+                      score=damp * min(1.0, w * d + (1 - w) * lx + (DEFINITION_BONUS if any(r.match(t) for r in defines) else 0.0)))
             for (p, s, e), t, d, lx in zip(raw, texts, dense, lexical)
-        ]
+        ]  # fmt: skip
         # Ties (equal scores) keep the retrieval order: the better-ranked passage first.
         return sorted(out, key=lambda c: -c.score)
 
@@ -184,16 +191,96 @@ class SentenceScorer:
         sims = m @ q / (np.linalg.norm(m, axis=1) * (np.linalg.norm(q) or 1.0) + 1e-9)
         return [float(max(0.0, s)) for s in sims]
 
-    def _lexical(self, question: str, texts: list[str]) -> list[float]:
+    def _lexical(self, question: str, texts: list[str], titles: list[str]) -> list[float]:
         q_terms = set(self.bm25.tokenize(question))
         if not q_terms:
             return [0.0] * len(texts)
         docs = [set(self.bm25.tokenize(t)) for t in texts]
+        heads = [set(self.bm25.tokenize(t)) for t in titles]
+        for acronym, expansion in _acronyms(question):
+            # "What does DRA stand for?": a sentence that spells the acronym out contains it.
+            for d, t in zip(docs, texts):
+                if expansion.search(t):
+                    d.update(self.bm25.tokenize(acronym))
         n = len(docs)
-        # BM25's IDF (Robertson–Spärck Jones, +1 so it stays positive) over the candidates.
-        idf = {t: math.log(1 + (n - df + 0.5) / (df + 0.5)) for t in q_terms for df in [sum(t in d for d in docs)]}
-        total = sum(idf.values())
-        return [sum(idf[t] for t in q_terms & d) / total for d in docs]
+        df = {t: sum(t in d or t in h for d, h in zip(docs, heads)) for t in q_terms}
+        # Terms no candidate holds ("stand", "maximum") cannot tell candidates apart; they only
+        # lower the coverage that abstention reads (see `coverage` below).
+        present = [t for t in q_terms if df[t]]
+        if not present:
+            return [0.0] * n
+        # BM25's IDF (Robertson–Spärck Jones, +1 so that a term every candidate holds still
+        # counts) over the candidates, so a rare question term weighs most.
+        weight = {t: 1.0 + math.log(1 + (n - df[t] + 0.5) / (df[t] + 0.5)) for t in present}
+        total = sum(weight.values())
+        coverage = len(present) / len(q_terms)
+        # Coverage of the question by the whole pool scales every candidate: passages that hold
+        # half the question's terms are weaker evidence than passages that hold all of them.
+        scale = coverage**0.5
+        # A term only in the document's title counts half: the sentence itself should say it.
+        return [scale * sum(weight[t] * (1.0 if t in d else 0.5 if t in h else 0.0) for t in present) / total
+                for d, h in zip(docs, heads)]  # fmt: skip
+
+
+#: Score factor per name in the question that no passage mentions (at most two count).
+MISSING_NAME_FACTOR = 0.7
+_NAME = re.compile(r"(?<!\w)[A-Za-z0-9][\w.+/-]*[A-Za-z0-9]|(?<!\w)[A-Z0-9]")
+
+
+def named_terms(question: str) -> list[str]:
+    """Terms of the question that name something: capitals inside, digits, or inner - _ .
+
+    The first word is skipped (sentence case is not a name); a possessive "'s" is dropped.
+    """
+    out = []
+    for i, m in enumerate(_NAME.finditer(question.replace("’", "'"))):
+        term = m.group(0)
+        term = term[:-2] if term.endswith("'s") else term
+        if i == 0 or len(term) < 2:
+            continue
+        if any(c.isupper() for c in term) or any(c.isdigit() for c in term) or any(c in "-_." for c in term[1:-1]):
+            out.append(term)
+    return out
+
+
+#: Added to the score of a sentence that defines what a "What is X?" question asks about.
+DEFINITION_BONUS = 0.25
+_DEFINITION_Q = re.compile(r"^\s*(?:what\s+(?:is|are|does)|define|explain)\b", re.IGNORECASE)
+
+
+def _definition_patterns(question: str) -> list[re.Pattern[str]]:
+    """Patterns of a sentence that opens by defining the question's acronym(s).
+
+    "What is MPS?" / "What does DRA stand for?": a sentence that starts with the acronym or its
+    spelled-out form, followed by "is", "are", "(", "," or "stands for", is the definition the
+    question wants, even where the embedder prefers a sentence that merely uses the term.
+    """
+    if not _DEFINITION_Q.match(question):
+        return []
+    out = []
+    for acronym, expansion in _acronyms(question):
+        subject = rf"(?:{re.escape(acronym)}|{expansion.pattern})"
+        out.append(re.compile(rf"^(?:(?:the|a|an)\s+)?(?:[A-Z][\w-]*\s+)?{subject}(?:\s*\([^)]{{1,30}}\))?"
+                              r"(?:\s+(?:is|are|stands\s+for|refers\s+to)\b|,\s+(?:usually|also|often|short|or)\b)",
+                              re.IGNORECASE))  # fmt: skip
+    return out
+
+
+_ACRONYM = re.compile(r"\b[A-Z][A-Z0-9]{1,5}s?\b")
+
+
+def _acronyms(question: str) -> list[tuple[str, re.Pattern[str]]]:
+    """Upper-case acronyms in the question and a pattern for their spelled-out form."""
+    out = []
+    for m in _ACRONYM.finditer(question):
+        word = m.group(0).rstrip("s") if m.group(0).endswith("s") and len(m.group(0)) > 2 else m.group(0)
+        letters = [c for c in word if c.isalpha()]
+        if len(letters) < 2 or len(letters) != len(word):
+            continue
+        # Words (or hyphen parts) starting with each letter in turn: "Multi-Instance GPU" for MIG.
+        parts = r"[\s-]+(?:(?:of|and|for|the|in|on|to|a)\s+)?".join(rf"{c}[\w]*" for c in letters)
+        out.append((word, re.compile(rf"\b{parts}\b", re.IGNORECASE)))
+    return out
 
 
 @dataclass(frozen=True)
