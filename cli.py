@@ -293,12 +293,14 @@ def ask(
     "start", "end", "quote"}], "grounded", "abstained", "grounding": {"support", "action",
     "sentences": [{"text", "support", "citations"}]}, "flagged_passages", "timings"}.
     """
-    from ragops.retrieval.rag import RAGPipeline
+    from ragops.retrieval.rag import RAGPipeline, reader_name
 
     settings = _with_model(settings_from(config, set_, data_dir), model)
     with RAGPipeline(settings, collection=collection) as rag:
         with err.status("loading models and retrieving…", spinner="dots") if not as_json else nullcontext():
-            answer_stream = rag.ask_stream(question, k=k, mode=mode, reader=reader, filters=filter_ or None,
+            # A chosen --model must write the answer: with the extractive default it reads with stuff.
+            chosen = reader_name(settings, reader, model_chosen=model is not None)
+            answer_stream = rag.ask_stream(question, k=k, mode=mode, reader=chosen, filters=filter_ or None,
                                            max_new_tokens=max_tokens, temperature=temperature)  # fmt: skip
             first = next(answer_stream, None)
         if stream and not as_json:
@@ -402,7 +404,11 @@ def eval_answers(
     ] = None,
     k: Annotated[int, typer.Option("--k", min=1, max=100, help="Passages retrieved per question.")] = 5,
     mode: ModeOpt = None,
-    reader: Annotated[Optional[str], typer.Option("--reader", help="extractive | stuff | fid.")] = None,
+    reader: Annotated[
+        Optional[str],
+        typer.Option("--reader", help="extractive | stuff | fid (default: the config's; stuff when --model/--baseline "
+                     "is given and the config's is extractive, so the models write the answers)."),
+    ] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1)] = None,
     collection: CollectionOpt = None,
     config: ConfigOpt = None,
@@ -427,6 +433,10 @@ def eval_answers(
     elif baseline:
         runs.insert(0, (baseline, baseline, _with_model(settings, baseline)))
 
+    from ragops.retrieval.rag import reader_name
+
+    # Comparing models needs the models to write the answers (the extractive reader runs none).
+    reader = reader_name(settings, reader, model_chosen=bool(model or baseline))
     reports: list[dict[str, Any]] = []
     for label, ref, run_settings in runs:
         report = _answer_report(run_settings, data, label=label, k=k, mode=mode, reader=reader, max_tokens=max_tokens,

@@ -21,7 +21,6 @@ Bring your own: any importable class with a ``score(self, samples)`` method, nam
 from __future__ import annotations
 
 import importlib
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable

@@ -31,14 +31,20 @@ import threading
 import time
 from collections.abc import Generator as PyGenerator
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ragops.config import GeneratorConfig
 from ragops.errors import ConfigError, InputError, ModelNotFoundError
 from ragops.model_registry import ModelSpec, resolve_model
-from ragops.retrieval.decoding import (
+from ragops.retrieval.model_loading import (  # noqa: F401 - resolve_adapter/resolve_device are public here too
+    DEFAULT_CONTEXT_TOKENS,
+    context_window,
+    locate_generator,
+    merge_adapter,
+    resolve_adapter,
+    resolve_device,
+)
+from ragops.retrieval.decoding import (  # noqa: F401 - results are public here too
     DecodeOptions,
     FinishReason,
     GenerationResult,
@@ -59,72 +65,6 @@ Message = dict[str, str]
 Fusion = Literal["mixture", "product"]
 ROLES = ("system", "user", "assistant")
 FUSIONS = ("mixture", "product")
-#: Context window assumed when neither the model config nor the tokenizer states one.
-DEFAULT_CONTEXT_TOKENS = 2048
-
-
-# ---------------------------------------------------------------------------------------
-# Model and adapter resolution
-# ---------------------------------------------------------------------------------------
-
-
-def resolve_adapter(ref: str | Path) -> Path:
-    """Return the local folder of a LoRA adapter: a path, or a registry name or alias.
-
-    ``ref`` may be a folder written by peft's ``save_pretrained`` (holding
-    ``adapter_config.json``), or the name or alias of a generator artifact in the registry
-    (``sft-latest``, ``sft-20261125-1530-ab12``, ``prod``), looked up in the registry of the
-    environment's settings (:func:`ragops.artifacts.default_registry`). The adapter must have
-    been trained on ``generator.model``: :func:`ragops.artifacts.apply_model` (what
-    ``ragops ask --model NAME`` uses) sets both from the artifact.
-
-    Raises:
-        ModelNotFoundError: the path is not a peft adapter folder, or the name is neither a
-            path nor a registry artifact/alias (or is a reward model).
-    """
-    path = Path(ref).expanduser()
-    if path.is_file() and path.name == "adapter_config.json":
-        path = path.parent
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        return path
-    if path.exists():
-        raise ModelNotFoundError(
-            f"LoRA adapter '{ref}': {path} holds no adapter_config.json; point generator.adapter at the "
-            "folder written by peft's save_pretrained"
-        )
-    from ragops import artifacts
-
-    if artifacts.looks_like_ref(str(ref)):
-        registry = artifacts.default_registry()
-        if registry.has(str(ref)):
-            return artifacts.adapter_dir(str(ref), registry=registry)
-    raise ModelNotFoundError(
-        f"LoRA adapter '{ref}' not found: generator.adapter takes the path of a folder holding "
-        "adapter_config.json, or the name or alias of a trained artifact (see `ragops models list`)"
-    )
-
-
-def resolve_device(name: str) -> str:
-    """Map ``'auto'`` to ``'cuda'`` when a GPU is visible, else ``'cpu'``; check CUDA requests.
-
-    Raises:
-        ConfigError: a CUDA device was asked for and none is available.
-    """
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"generator.device is '{name}' but no CUDA device is available; use 'cpu' or 'auto'")
-    return name
-
-
-def _locate(spec: ModelSpec) -> Path:
-    try:
-        return spec.locate()
-    except ModelNotFoundError as exc:
-        # The registry's offline hint names the embedder's key; say which key to set here.
-        raise ModelNotFoundError(str(exc).replace("embedder.model", "generator.model")) from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,7 +126,7 @@ class Generator:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         spec = resolve_model(self.cfg.model, kind="generator")
-        path = _locate(spec)
+        path = locate_generator(spec)
         device = resolve_device(self.cfg.device)
         if spec.gguf_file is None and path.is_dir() and not (path / "config.json").is_file():
             raise ModelNotFoundError(
@@ -200,7 +140,7 @@ class Generator:
         except (OSError, ValueError, KeyError) as exc:
             raise ModelNotFoundError(f"could not load generator '{self.cfg.model}' from {path}: {exc}") from exc
         if self.cfg.adapter:
-            model = _merge_adapter(model, resolve_adapter(self.cfg.adapter))
+            model = merge_adapter(model, resolve_adapter(self.cfg.adapter))
         model.to(device).eval()
 
         params = inspect.signature(model.forward).parameters
@@ -217,7 +157,7 @@ class Generator:
         self._eos_ids = frozenset(eos)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._pad_id = int(pad) if pad is not None else 0
-        self._max_context = _context_window(model.config, tokenizer)
+        self._max_context = context_window(model.config, tokenizer)
         self.spec, self.device, self._tokenizer, self._model = spec, device, tokenizer, model
         log.info(
             "generator %s loaded on %s (%s) in %.1f s%s",
@@ -673,32 +613,6 @@ class Generator:
                 fused = logp.mean(0)
             token = int(self._pick(fused[None], opts, sampler, block_eos)[0])
             return token, logp[:, token].tolist()
-
-
-def _merge_adapter(model: Any, path: Path) -> Any:
-    from peft import PeftModel
-
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(path))
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelNotFoundError(f"could not load LoRA adapter from {path}: {exc}") from exc
-    # Merged into the weights so decoding runs at the base model's speed (no extra LoRA matmuls
-    # per layer). Switching adapters means loading another generator.
-    return peft_model.merge_and_unload()
-
-
-def _context_window(config: Any, tokenizer: Any) -> int:
-    limits = []
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            limits.append(value)
-            break
-    tok_max = getattr(tokenizer, "model_max_length", None)
-    # Tokenizers without a limit report a huge sentinel (int(1e30)).
-    if isinstance(tok_max, int) and 0 < tok_max < 10_000_000:
-        limits.append(tok_max)
-    return min(limits) if limits else DEFAULT_CONTEXT_TOKENS
 
 
 def _validate_messages(messages: Sequence[Mapping[str, str]]) -> list[Message]:

@@ -226,9 +226,9 @@ class GroundedReader:
             return ResultStream(self._abstain(clean, evidence, t0))
         if isinstance(self.inner, ExtractiveReader):
             # The evidence already is the extractive answer: no second scoring pass.
-            return ResultStream(self._checked(self.inner.replay(evidence, clean, t0), evidence, live=True))
+            return ResultStream(self._checked(self.inner.replay(evidence, clean, t0), evidence, clean, live=True))
         inner = self.inner.stream(question, clean, **gen_kwargs)
-        return ResultStream(self._checked(inner, evidence, live=self.mode != "fallback"))
+        return ResultStream(self._checked(inner, evidence, clean, live=self.mode != "fallback"))
 
     def _abstain(self, passages: list[Passage], evidence: Extraction, t0: float) -> PyGenerator[str, None, Any]:
         from ragops.retrieval.readers import ReaderResult
@@ -245,30 +245,33 @@ class GroundedReader:
             evidence=evidence.best_score, grounding=report, abstained=True,
         )
 
-    def _checked(self, inner: ResultStream[Any], evidence: Extraction, *, live: bool) -> PyGenerator[str, None, Any]:
-        """Pass the inner stream through (``live``) or hold it until checked; then the verdict."""
-        held = []
+    def _checked(self, inner: ResultStream[Any], evidence: Extraction, passages: list[Passage], *,
+                 live: bool) -> PyGenerator[str, None, Any]:  # fmt: skip
+        """Pass the inner stream through (``live``) or hold it until checked; then the verdict.
+
+        ``passages`` are all the passages the evidence was scored on (the inner reader may have
+        fitted fewer into its prompt; a fallback answer may quote any of them).
+        """
         for delta in inner:
             if live:
                 yield delta
-            else:
-                held.append(delta)
         res = inner.result
-        mode = "fallback" if res.reader == "extractive" else self.mode
         if self.mode == "off" and res.reader != "extractive":
             return replace(res, evidence=evidence.best_score)
         repair = self.mode == "fallback" and res.reader != "extractive"
-        answer, report = check_grounding(res.answer, res.passages, min_support=self.min_support, repair=repair, mode=mode)
+        answer, report = check_grounding(res.answer, res.passages, min_support=self.min_support, repair=repair,
+                                         mode=self.mode)  # fmt: skip
         report.evidence = evidence.best_score
         replace_it = self.mode == "fallback" and res.reader != "extractive" and (
             not report.grounded or is_dont_know(res.answer)
         )
         if replace_it:
             answer = evidence.answer
-            _, fallback_report = check_grounding(answer, res.passages, min_support=self.min_support, repair=False)
+            _, fallback_report = check_grounding(answer, passages, min_support=self.min_support, repair=False)
             report.sentences, report.action = fallback_report.sentences, "fallback"
             report.grounded, report.support = fallback_report.grounded, fallback_report.support
             citations, quotes = list(dict.fromkeys(q.n for q in evidence.quotes)), evidence.quotes
+            res = replace(res, passages=passages)
         else:
             if repair and report.citations_fixed:
                 report.action = "repaired"

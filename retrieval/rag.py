@@ -35,6 +35,23 @@ def sentence_scorer(settings: Settings, embedder: Any = None) -> SentenceScorer:
                           min_words=ext.min_words)  # fmt: skip
 
 
+#: The generative reader used when a model is chosen but the configured reader is extractive.
+GENERATIVE_FALLBACK_READER = "stuff"
+
+
+def reader_name(settings: Settings, reader: str | None, *, model_chosen: bool) -> str:
+    """The reader to use: ``reader`` if given; else the config's, except that a chosen model
+    (``--model``, a served adapter) with the extractive default reads with ``stuff``.
+
+    The extractive reader never runs the generator, so asking for (or evaluating) a trained
+    adapter through it would silently measure the same quotes for every model.
+    """
+    if reader:
+        return reader
+    configured = settings.generator.reader
+    return GENERATIVE_FALLBACK_READER if model_chosen and configured == "extractive" else configured
+
+
 def reader_for(settings: Settings, generator: Any, name: str | None = None, *, embedder: Any = None) -> GroundedReader:
     """The reader ``name`` (default: ``generator.reader`` from config) over ``generator``, checked.
 

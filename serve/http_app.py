@@ -50,6 +50,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ragops.config import Settings
 from ragops.errors import InputError, ModelNotFoundError
 from ragops.retrieval.search import SearchFilters
+from ragops.retrieval.rag import reader_name
 from ragops.serve import openai_format as fmt
 from ragops.serve.answering import AnswerRequest
 from ragops.serve.auth import ApiKeys, Role, authorize
@@ -399,7 +400,8 @@ def create_app(ctx: IngressContext) -> FastAPI:
         areq = AnswerRequest(
             question=reader_question(body, sc.history_turns),
             search=search,
-            reader=rag.reader if rag else None,
+            # A requested adapter must write the answer: with the extractive default it reads with stuff.
+            reader=reader_name(settings, rag.reader if rag else None, model_chosen=bool(model_id)),
             gen={
                 "max_new_tokens": limit,
                 "temperature": body.temperature,

@@ -98,3 +98,16 @@ def test_an_injected_document_is_neither_followed_nor_leaks_the_system_prompt(ra
     assert "cheatsheet.md" in flagged and {"override", "template-token"} <= set(flagged["cheatsheet.md"])
     passage = next(p for p in answer.passages if p.doc_id == "cheatsheet.md")
     assert "PWNED" not in passage.text and "<|im_start|>" not in passage.text
+
+
+def test_a_chosen_model_reads_with_a_generative_reader() -> None:
+    from ragops.config import load_settings
+    from ragops.retrieval.rag import reader_name
+
+    settings = load_settings([], [], environ={})
+    assert settings.generator.reader == "extractive"
+    assert reader_name(settings, None, model_chosen=False) == "extractive"
+    assert reader_name(settings, None, model_chosen=True) == "stuff"  # an adapter must write the answer
+    assert reader_name(settings, "fid", model_chosen=True) == "fid"
+    fid = load_settings([], ["generator.reader=fid"], environ={})
+    assert reader_name(fid, None, model_chosen=True) == "fid"
