@@ -337,8 +337,11 @@ def ask(
         for f in answer.flagged_passages:
             err.print(f"[yellow]passage [{f['n']}] {f['doc_id']} held instruction-like text ({', '.join(f['flags'])}): neutralised[/]")
         t = answer.timings
-        err.print(f"[dim]retrieve {t['retrieve_s']:.2f}s · first token {t['time_to_first_token_s']:.2f}s · "
-                  f"{t['tokens_per_s']:.1f} tokens/s · total {t['total_s']:.2f}s[/]")  # fmt: skip
+        if answer.usage.get("completion_tokens"):
+            err.print(f"[dim]retrieve {t['retrieve_s']:.2f}s · first token {t['time_to_first_token_s']:.2f}s · "
+                      f"{t['tokens_per_s']:.1f} tokens/s · total {t['total_s']:.2f}s[/]")  # fmt: skip
+        else:  # extractive or abstained: nothing was generated
+            err.print(f"[dim]retrieve {t['retrieve_s']:.2f}s · read {t['generate_s']:.2f}s · total {t['total_s']:.2f}s[/]")
     _warn_truncated(answer.query_truncated)
     if answer.query_truncated:
         raise typer.Exit(EXIT_TRUNCATED)

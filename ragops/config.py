@@ -205,6 +205,12 @@ class GeneratorConfig(StrictModel):
     )
     extractive: ExtractiveConfig = Field(default_factory=ExtractiveConfig)
 
+    @field_validator("grounding", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false: `grounding: off` and `--set generator.grounding=off` mean "off".
+        return "off" if value is False else value
+
 
 class RayConfig(StrictModel):
     """How to reach Ray."""

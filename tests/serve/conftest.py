@@ -112,6 +112,12 @@ def serve_settings(
         f"generator.model={tiny_llm_dir}",
         "generator.max_new_tokens=8",
         "generator.context_tokens=128",
+        # These tests exercise the generation path (batching, streaming, adapters, limits) with
+        # a tiny random LM: the generative reader, unchecked. The extractive default, grounding
+        # and abstention have their own tests (tests/retrieval, test_chat_default_reader_*).
+        "generator.reader=stuff",
+        "generator.grounding=off",
+        "generator.abstain_below=0",
         "serve.request_timeout_s=60",
         "serve.max_body_bytes=65536",
         "serve.max_tokens_limit=64",

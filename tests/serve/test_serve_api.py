@@ -46,6 +46,25 @@ def test_openai_client_chat(oai: openai.OpenAI, served: Served) -> None:
     assert set(logged[-1]["passages"][0]) == {"n", "doc_id", "chunk_id", "source", "score", "text"}
 
 
+def test_chat_default_reader_returns_quotes_support_and_grounded(oai: openai.OpenAI, served: Served) -> None:
+    """The extractive reader and the grounding report through HTTP, whole and streamed."""
+    for stream in (False, True):
+        resp = oai.chat.completions.create(
+            model="ragops", messages=[{"role": "user", "content": "What does DRA stand for?"}],
+            extra_body={"rag": {"reader": "extractive", "k": 3}}, stream=stream,
+        )
+        if stream:
+            chunks = list(resp)
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            extra = next(c for c in chunks if c.choices and c.choices[0].finish_reason).model_extra or {}
+        else:
+            text, extra = resp.choices[0].message.content, resp.model_extra or {}
+        assert extra["grounded"] is True and extra["ragops"]["reader"] == "extractive"
+        assert extra["ragops"]["grounding"]["sentences"][0]["support"] == 1.0
+        assert extra["citations"] and all({"start", "end", "quote"} <= set(c) for c in extra["citations"])
+        assert extra["citations"][0]["quote"].rstrip(".") in text
+
+
 def test_openai_client_streaming(oai: openai.OpenAI) -> None:
     stream = oai.chat.completions.create(
         model="ragops",

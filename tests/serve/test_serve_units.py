@@ -190,7 +190,9 @@ def answering(tiny_llm_dir: Path, tiny_embedder: Path):
     from ragops.retrieval.search import SearchHit, SearchResult
 
     settings = load_settings([], [f"generator.model={tiny_llm_dir}", f"embedder.model={tiny_embedder}",
-                                  "generator.max_new_tokens=6", "generator.context_tokens=96"], environ={})  # fmt: skip
+                                  "generator.max_new_tokens=6", "generator.context_tokens=96",
+                                  # The batched path is the stuff reader's (grounding on: batched equals alone).
+                                  "generator.reader=stuff", "generator.abstain_below=0"], environ={})  # fmt: skip
     gen = Generator(settings.generator)
     gen.warm_up()
     texts = ["The capital of France is Paris.", "Qdrant stores vectors.", "Ray Data embeds documents in parallel."]
@@ -214,6 +216,16 @@ def test_batched_answers_equal_single_answers(answering) -> None:
         assert got["answer"] == want["answer"] and got["citations"] == want["citations"]
         assert got["passages"] == want["passages"] and got["usage"] == want["usage"]
     assert batched[2]["usage"]["completion_tokens"] == 3
+
+
+def test_an_abstaining_request_in_a_batch_is_answered_without_generation(answering) -> None:
+    from ragops.serve.answering import AnswerRequest, answer_batch
+
+    settings, gen, search = answering
+    strict = settings.model_copy(update={"generator": settings.generator.model_copy(update={"abstain_below": 0.99})})
+    out = answer_batch(gen, strict, [AnswerRequest(question="What is the capital of Peru?", search=search)] * 2)
+    assert all(o["abstained"] and o["usage"]["completion_tokens"] == 0 for o in out)
+    assert out[0]["answer"].startswith("The indexed documents do not cover this question.")
 
 
 def test_one_bad_request_does_not_fail_its_batch(answering) -> None:
