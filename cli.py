@@ -324,8 +324,9 @@ def ask(
             where = f", chars {c['start']}-{c['end']}" if "start" in c else ""
             out.print(f"[{c['n']}] {c['doc_id']}  ({c['source']}, score {c['score']:.3f}{where})", highlight=False, markup=False)
         if answer.abstained:
-            for p in answer.passages[:3]:
-                out.print(f"    closest: {p.doc_id}  ({p.source})", highlight=False, markup=False)
+            closest = {p.doc_id: p.source for p in answer.passages}
+            for doc_id, source in list(closest.items())[:3]:
+                out.print(f"    closest: {doc_id}  ({source})", highlight=False, markup=False)
         elif not answer.citations:
             err.print("[dim]no passage cited[/]")
         g = answer.grounding
