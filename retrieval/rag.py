@@ -86,7 +86,7 @@ class Answer:
         citations: ``[{"n", "doc_id", "chunk_id", "source", "score"}]`` for each cited passage.
         timings: retrieve_s, generate_s, time_to_first_token_s, total_s, tokens_per_s.
         passages: The numbered passages the reader saw.
-        reader: 'stuff' or 'fid'.
+        reader: 'extractive', 'stuff' or 'fid'.
         usage: prompt/completion token counts.
         finish_reason: 'stop' or 'length'.
         grounding: The grounding check's report (``GroundingReport.to_dict()``), None when off.

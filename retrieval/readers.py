@@ -1,5 +1,9 @@
 """Readers: a question and retrieved passages in, a cited answer out.
 
+The generative readers live here; the extractive one (no generator) in
+:mod:`ragops.retrieval.extractive`, and every reader is served wrapped in the abstention and
+grounding checks of :mod:`ragops.retrieval.grounding` (see :func:`ragops.retrieval.rag.reader_for`).
+
 Both readers share one interface — ``read(question, passages, **gen_kwargs) -> ReaderResult``
 and ``stream(question, passages, **gen_kwargs)`` yielding text deltas — and take the generation
 options of :meth:`Generator.generate <ragops.retrieval.generation.Generator.generate>`
