@@ -258,14 +258,19 @@ class RAGPipeline:
         k: int | None = None,
         mode: str | None = None,
         filters: SearchFilters | dict[str, Any] | list[str] | None = None,
+        count_tokens: Any = None,
     ) -> tuple[SearchResult, list[Passage]]:
-        """Search and assemble the reader's numbered passages."""
+        """Search and assemble the reader's numbered passages.
+
+        ``count_tokens`` sizes the passages against ``generator.context_tokens``; None takes the
+        generator's tokenizer (which loads the generator).
+        """
         result = self.retriever.search(question, k=k or 5, mode=mode, filters=filters)
         passages = assemble_context(
             result.hits,
             store=self.retriever.store,
             settings=self.settings,
-            count_tokens=self.generator.count_tokens,
+            count_tokens=count_tokens or self.generator.count_tokens,
         )
         return result, passages
 
@@ -287,6 +292,9 @@ class RAGPipeline:
         """Answer ``question`` as a stream of text deltas (then ``.answer``)."""
         started = time.perf_counter()
         rd = self._reader(reader)  # validate before any work
-        result, passages = self.retrieve(question, k=k, mode=mode, filters=filters)
+        # The extractive reader runs no generator: size its passages with the embedder's
+        # tokenizer (already loaded for the query) instead of loading the LM to count tokens.
+        count = self.retriever.encoder.embedder.count_tokens if isinstance(rd.inner, ExtractiveReader) else None
+        result, passages = self.retrieve(question, k=k, mode=mode, filters=filters, count_tokens=count)
         gen = {key: v for key, v in gen.items() if v is not None}
         return AnswerStream(question, result, rd.stream(question, passages, **gen), started)

@@ -112,3 +112,16 @@ def test_a_chosen_model_reads_with_a_generative_reader() -> None:
     assert reader_name(settings, "fid", model_chosen=True) == "fid"
     fid = load_settings([], ["generator.reader=fid"], environ={})
     assert reader_name(fid, None, model_chosen=True) == "fid"
+
+
+def test_the_extractive_reader_never_loads_the_generator(rag: Any, corpus_settings: Any, tiny_llm_dir: Path) -> None:
+    from ragops.config import GeneratorConfig
+    from ragops.retrieval.generation import Generator
+    from ragops.retrieval.rag import RAGPipeline
+
+    gen = Generator(GeneratorConfig(model=str(tiny_llm_dir)))
+    # The module's retriever holds the collection open; a second pipeline shares it.
+    pipeline = RAGPipeline(corpus_settings, retriever=rag.retriever, generator=gen)
+    answer = pipeline.ask("What does DRA stand for?")
+    assert answer.reader == "extractive" and "Dynamic Resource Allocation" in answer.answer
+    assert not gen.loaded  # passages were sized with the embedder's tokenizer
