@@ -31,6 +31,7 @@ from ragops.artifacts import Artifact, Registry, utc_now
 from ragops.config import Settings
 from ragops.errors import InputError, RagopsError
 from ragops.runs import RunRecord, RunStore
+from ragops.watchdog import Stalled, Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,16 @@ def _resolve_resume(store: RunStore, resume: str, kind: str, data_hash: str) -> 
         f"--resume '{resume}': expected 'auto', a run folder (holding run.json), a run id, or a checkpoint "
         "folder (holding trainer_state.json, or ppo_state.json for PPO)"
     )
+
+
+def _admit(settings: Settings, kind: str) -> Settings:
+    """Start or join Ray and admit the run's workers (fit, wait or fail before any work)."""
+    from ragops.cluster.admission import admit
+    from ragops.cluster.resources import training_demands
+    from ragops.raylocal import ensure_ray
+
+    ensure_ray(settings.ray)
+    return admit(settings, training_demands(settings, kind))
 
 
 class _Tail(threading.Thread):
@@ -294,6 +305,9 @@ def _execute(
     ft = settings.finetune
     data_hash = data_info["hash"]
 
+    if ft.runner == "ray":
+        settings = _admit(settings, kind)
+        ft = settings.finetune
     store = RunStore.from_settings(settings)
     scaling = Scaling(workers=ft.workers, use_gpu=ft.use_gpu, cpus_per_worker=ft.cpus_per_worker)
     rec, init_checkpoint = (None, None)
@@ -329,23 +343,39 @@ def _execute(
         "run_id": rec.run_id,
         "fault": {"store_root": store.uri, "run_id": rec.run_id, **fault} if fault else None,
     }
-    tail = _Tail(store, rec.run_id, progress) if progress else None
+    last: dict[str, Any] = {}
+    dog = Watchdog(
+        settings.runtime.stall_timeout_s if ft.runner == "ray" else 0, f"train {kind}",
+        status=lambda: f"run {rec.run_id}, " + (f"last step {last['step']}" if "step" in last else "no step yet"),
+    )  # fmt: skip
+
+    def on_row(row: dict[str, Any]) -> None:
+        dog.beat()  # a metrics row is a training step (or an eval) that finished
+        last.update(row)
+        if progress:
+            progress(row)
+
+    tail = _Tail(store, rec.run_id, on_row) if progress or dog.timeout_s else None
     if tail:
         tail.start()
     try:
-        if ft.runner == "local":
-            outcome = run_local(
-                loop, loop_config, store, rec.run_id, num_to_keep=ft.num_to_keep,
-                init_checkpoint=init_checkpoint, cpus=ft.cpus_per_worker,
-            )  # fmt: skip
+        with dog:
+            if ft.runner == "local":
+                outcome = run_local(
+                    loop, loop_config, store, rec.run_id, num_to_keep=ft.num_to_keep,
+                    init_checkpoint=init_checkpoint, cpus=ft.cpus_per_worker,
+                )  # fmt: skip
+            else:
+                outcome = run_on_ray(
+                    loop, loop_config, scaling, (store, rec.run_id), resume=resumed,
+                    num_to_keep=ft.num_to_keep, max_failures=ft.max_failures,
+                    init_checkpoint=init_checkpoint, ray_config=settings.ray,
+                )  # fmt: skip
+    except (KeyboardInterrupt, Stalled) as exc:
+        if isinstance(exc, Stalled):
+            store.update(rec.run_id, status="failed", error=f"stalled: {exc}"[:500])
         else:
-            outcome = run_on_ray(
-                loop, loop_config, scaling, (store, rec.run_id), resume=resumed,
-                num_to_keep=ft.num_to_keep, max_failures=ft.max_failures,
-                init_checkpoint=init_checkpoint, ray_config=settings.ray,
-            )  # fmt: skip
-    except KeyboardInterrupt:
-        store.update(rec.run_id, status="interrupted", error="interrupted by the user")
+            store.update(rec.run_id, status="interrupted", error="interrupted by the user")
         raise
     except Exception as exc:
         from ragops.raylocal import unwrap_ray_error

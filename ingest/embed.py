@@ -9,6 +9,8 @@ model) loads lazily on the first batch, so constructing it on the driver costs n
 from __future__ import annotations
 
 import math
+import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,9 +33,17 @@ class EmbedStage:
         sparse: BM25 settings; ``sparse.enabled=False`` leaves the sparse columns empty.
         torch_threads: Intra-op threads for torch; defaults to torch's own choice. Under Ray
             it is set from the actor's CPU reservation so actors do not oversubscribe cores.
+        hold_file: TEST HOOK (``ingest.test_hold_file``): each batch waits while it exists.
     """
 
-    def __init__(self, embedder: EmbedderConfig, sparse: SparseConfig, torch_threads: float | None = None) -> None:
+    def __init__(
+        self,
+        embedder: EmbedderConfig,
+        sparse: SparseConfig,
+        torch_threads: float | None = None,
+        hold_file: Path | None = None,
+    ) -> None:
+        self.hold_file = hold_file
         self.embedder = TextEmbedder(embedder)
         self.sparse_cfg = sparse
         self.bm25 = BM25Encoder(sparse) if sparse.enabled else None
@@ -50,6 +60,8 @@ class EmbedStage:
 
     def __call__(self, batch: Batch) -> Batch:
         """Embed the ``embed_text`` column of the chunk rows in ``batch``."""
+        while self.hold_file is not None and self.hold_file.exists():  # TEST HOOK, see hold_file
+            time.sleep(0.2)
         self._set_threads()
         kinds = list(batch.get("kind", ["chunk"] * len(batch["embed_text"])))
         texts = list(batch["embed_text"])

@@ -39,6 +39,7 @@ from ragops.errors import CollectionError, InputError
 from ragops.manifest import append_record
 from ragops.model_registry import resolve_model
 from ragops.vectorstore import open_store
+from ragops.watchdog import Watchdog
 from ragops.vectorstore.base import CollectionSpec, VectorStore
 
 log = logging.getLogger(__name__)
@@ -306,20 +307,27 @@ def run_ingest(
         failed_sources: set[str] = set()
         files_done: set[str] = set()
         timings["pipeline"] = timings["write"] = 0.0
+        # Only Ray can wait forever (for resources it cannot place); the local runner just runs.
+        dog = Watchdog(
+            settings.runtime.stall_timeout_s if settings.ingest.runner == "ray" else 0, "ingest",
+            status=lambda: f"{len(files_done)}/{len(files)} files read, {report.chunks} chunks written",
+        )  # fmt: skip
         if files:
-            batches = iter(_run_stages(settings, stage, files))
-            while True:
-                with _timed(timings, "pipeline"):  # waiting for the stream's next batch
-                    batch = next(batches, None)
-                if batch is None:
-                    break
-                _account(batch, report, seen_docs, failed_sources, files_done)
-                with _timed(timings, "write"):
-                    report.chunks += sink.write_batch(batch)
-                if progress:
-                    progress({"files_done": len(files_done), "files": len(files), "documents": report.documents,
-                              "chunks": report.chunks, "points": sink.points_written,
-                              "elapsed": time.perf_counter() - started})  # fmt: skip
+            batches = iter(_run_stages(settings, stage, files))  # Ray starts and admits the stages here
+            with dog:
+                while True:
+                    with _timed(timings, "pipeline"):  # waiting for the stream's next batch
+                        batch = next(batches, None)
+                    if batch is None:
+                        break
+                    dog.beat()
+                    _account(batch, report, seen_docs, failed_sources, files_done)
+                    with _timed(timings, "write"):
+                        report.chunks += sink.write_batch(batch)
+                    if progress:
+                        progress({"files_done": len(files_done), "files": len(files), "documents": report.documents,
+                                  "chunks": report.chunks, "points": sink.points_written,
+                                  "elapsed": time.perf_counter() - started})  # fmt: skip
         with _timed(timings, "write"):
             report.incomplete = sink.close()
         report.points_written = sink.points_written

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -28,8 +27,6 @@ from ragops.raylocal import ensure_ray, unwrap_ray_error
 
 log = logging.getLogger(__name__)
 
-#: CPU share of a load/chunk task: reading and tokenizing are light next to embedding.
-LOAD_TASK_CPUS = 0.25
 
 
 def load_chunk_batch(batch: dict[str, Any], stage: Any) -> dict[str, Any]:
@@ -42,36 +39,36 @@ def load_chunk_batch(batch: dict[str, Any], stage: Any) -> dict[str, Any]:
     return stage(batch)
 
 
-def fit_actor_cpus(per_actor: float, actors: int, cluster_cpus: float) -> float:
-    """Shrink the embedding actors' CPU reservation so the load tasks can still be scheduled.
+def admit_ingest(settings: Settings) -> Settings:
+    """Check that the actor pool *and* a load task fit the cluster; fit, wait or fail.
 
-    Without room for at least one load task, the actor pool would hold every CPU and wait
-    forever for input that no task can produce.
+    The actor pool is placed first: without room left for at least one load task it would hold
+    every CPU and wait forever for input that no task can produce.
     """
-    room = cluster_cpus - LOAD_TASK_CPUS
-    if per_actor * actors <= room:
-        return per_actor
-    fitted = max(0.1, room / actors)
-    log.info(
-        "ingest.cpus_per_actor=%s x %s actors does not fit %s CPUs beside the load tasks; using %.2f per actor",
-        per_actor, actors, cluster_cpus, fitted,
-    )
-    return fitted
+    from ragops.cluster.admission import admit
+    from ragops.cluster.resources import job_demands
+
+    load, actors = job_demands(settings, "ingest")
+    return admit(settings, [actors, load])
 
 
 def run_ray(settings: Settings, stage: Any, files: Sequence[SourceFile]) -> Iterator[dict[str, Any]]:
-    """Run load/chunk and embed under Ray Data; yield embedded batches to the driver."""
+    """Run load/chunk and embed under Ray Data; returns the stream of embedded batches.
+
+    Ray starts (or is joined) and the stages' resources are admitted here, before the stream
+    is returned: a request that cannot fit fails now, and waiting for an autoscaler is not
+    taken for a stall by the caller's watchdog.
+    """
     import ray
     import ray.data
     from ragops.ingest.pipeline import source_rows
     from ray.data import ActorPoolStrategy
 
+    from ragops.cluster.resources import LOAD_TASK_CPUS
+
     ensure_ray(settings.ray)
+    settings = admit_ingest(settings)
     cfg = settings.ingest
-    cpus_per_actor = cfg.cpus_per_actor
-    if not (settings.ray.address or os.environ.get("RAY_ADDRESS")):
-        # Only a Ray we started here has a fixed size; a cluster may autoscale up to fit.
-        cpus_per_actor = fit_actor_cpus(cpus_per_actor, cfg.embed_actors, ray.cluster_resources().get("CPU", 1.0))
     blocks = max(1, math.ceil(len(files) / cfg.docs_per_task))
     ds = ray.data.from_items(source_rows(files), override_num_blocks=blocks)
     ds = ds.map_batches(
@@ -87,13 +84,18 @@ def run_ray(settings: Settings, stage: Any, files: Sequence[SourceFile]) -> Iter
             "embedder": settings.embedder,
             "sparse": cfg.sparse,
             "torch_threads": cfg.cpus_per_actor,
+            "hold_file": cfg.test_hold_file,
         },
         batch_size=cfg.embed_batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=cfg.embed_actors),
-        num_cpus=cpus_per_actor,
+        num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor or None,
     )
+    return _stream(ds)
+
+
+def _stream(ds: Any) -> Iterator[dict[str, Any]]:
     try:
         yield from ds.iter_batches(batch_size=None, batch_format="numpy")
     except Exception as exc:  # noqa: BLE001 - re-raise our own error, not Ray's wrapper

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ragops.errors import ConfigError
 from ragops.serve.config import ServeConfig
@@ -112,6 +112,9 @@ class IngestConfig(StrictModel):
     cpus_per_actor: float = Field(2.0, gt=0, description="CPUs reserved per embedding actor (also its torch threads).")
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per embedding actor; fractions share one GPU.")
     write_batch_size: int = Field(512, ge=1, description="Points per upsert call.")
+    test_hold_file: Path | None = Field(
+        None, description="TEST HOOK: while this file exists, the embedding stage waits (tests of the stall watchdog)."
+    )
 
 
 class VectorStoreConfig(StrictModel):
@@ -220,8 +223,42 @@ class RayConfig(StrictModel):
     nodes: int = Field(1, ge=1, description="Nodes the job expects (a multi-node cluster needs a Qdrant server).")
 
 
+class RuntimeConfig(StrictModel):
+    """How long-running commands behave: admission, stall detection, progress output."""
+
+    autoscaling: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Whether the cluster adds nodes on demand. 'on': a request that does not fit waits for the "
+        "autoscaler (up to schedule_timeout_s); 'off': it fails at once, or is fitted when the sizes are defaults. "
+        "'auto' is 'off' (the manifests `ragops kuberay render` writes set it 'on').",
+    )
+    schedule_timeout_s: float = Field(
+        600.0, gt=0, description="With an autoscaler: seconds to wait for the nodes a command needs before failing."
+    )
+    stall_timeout_s: float = Field(
+        300.0,
+        ge=0,
+        description="A Ray pipeline or training that makes no progress (no batch, no step) for this long prints what "
+        "is pending and exits non-zero; a re-run resumes. 0 disables the watchdog.",
+    )
+    progress: Literal["auto", "bar", "lines"] = Field(
+        "auto", description="Progress display: 'bar' (rich), 'lines' (plain periodic lines, for logs), 'auto': bar on a terminal."
+    )
+    progress_interval_s: float = Field(10.0, gt=0, description="Seconds between plain progress lines.")
+
+    @field_validator("autoscaling", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads bare on/off as booleans: `autoscaling: on` means "on".
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 class Settings(StrictModel):
-    """All settings of one ragops invocation."""
+    """All settings of one ragops invocation.
+
+    :meth:`is_explicit` tells a value the user chose (file, environment, ``--set``) from a
+    built-in default: a default may be fitted to a small machine, a chosen value never is.
+    """
 
     data_dir: Path = Field(Path(".ragops"), description="Where collections, manifests, runs and artifacts live.")
     embedder: EmbedderConfig = Field(default_factory=EmbedderConfig)
@@ -232,6 +269,24 @@ class Settings(StrictModel):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    _explicit: frozenset[str] = PrivateAttr(default_factory=frozenset)
+
+    def is_explicit(self, key: str) -> bool:
+        """Whether ``key`` (dotted) or a section above it was set by a config file, env or ``--set``."""
+        parts = key.split(".")
+        return any(".".join(parts[: i + 1]) in self._explicit for i in range(len(parts)))
+
+    @property
+    def explicit_keys(self) -> frozenset[str]:
+        """The dotted keys a config file, the environment or ``--set`` gave."""
+        return self._explicit
+
+    def with_explicit(self, keys: Sequence[str]) -> "Settings":
+        """Record ``keys`` as user-chosen (what :func:`load_settings` does for its sources)."""
+        self._explicit = frozenset(self._explicit | set(keys))
+        return self
 
     @field_validator("data_dir", mode="before")
     @classmethod
@@ -393,9 +448,11 @@ def load_settings(
     # section's own defaults (a field's default_factory may differ from its class defaults).
     tree: dict[str, Any] = Settings().model_dump(mode="json")
     origins: dict[str, str] = {}
+    explicit: set[str] = set()
     for f in config_files:
         data = read_yaml(f)
         tree = _deep_merge(tree, data)
+        explicit |= set(_leaf_keys(data))
     for key, value, origin in env_overrides(environ):
         _set_dotted(tree, key, value, origin)
         origins[key] = origin
@@ -407,9 +464,17 @@ def load_settings(
         tree["data_dir"] = str(data_dir)
         origins["data_dir"] = "--data-dir"
     try:
-        return Settings.model_validate(tree)
+        settings = Settings.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, origins)) from None
+    return settings.with_explicit([*explicit, *origins])
+
+
+def _leaf_keys(data: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of a nested mapping's leaves (a YAML file's settings)."""
+    if not isinstance(data, Mapping) or not data:
+        return [prefix] if prefix else []
+    return [k for key, v in data.items() for k in _leaf_keys(v, f"{prefix}.{key}" if prefix else str(key))]
 
 
 def dump_yaml(settings: Settings) -> str:

@@ -32,8 +32,9 @@ JobKind = Literal["ingest", "train-sft", "train-reward", "eval"]
 JOB_KINDS: tuple[str, ...] = ("ingest", "train-sft", "train-reward", "eval")
 Mode = Literal["job", "service", "cluster"]
 
-#: CPUs a Ray Data load/chunk task reserves (ragops.ingest.ray_pipeline.LOAD_TASK_CPUS).
-LOAD_TASK_CPUS = 1.0
+#: CPUs a Ray Data load/chunk task reserves (ragops.ingest.ray_pipeline uses this value):
+#: reading and tokenizing are light next to embedding.
+LOAD_TASK_CPUS = 0.25
 #: Serve deployment keys in ``settings.serve`` → deployment names in ragops.serve.app (the
 #: deployments every app has).
 SERVE_DEPLOYMENTS: dict[str, str] = {
@@ -94,6 +95,10 @@ class Demand:
         gpus: GPUs per bundle (fractions share a GPU).
         count: Most bundles at once.
         min_count: Bundles that must always exist (serve ``min_replicas``).
+        label: The settings with their values (``ingest.cpus_per_actor=2 × ingest.embed_actors=1``),
+            for admission messages; empty when no setting sizes the stage.
+        keys: The settings that size it (a user-chosen one is never fitted to the cluster).
+        fit: The per-bundle CPU setting admission may lower to fit a fixed-size cluster.
     """
 
     what: str
@@ -101,6 +106,9 @@ class Demand:
     gpus: float
     count: int
     min_count: int = 0
+    label: str = ""
+    keys: tuple[str, ...] = ()
+    fit: str | None = None
 
 
 @dataclass
@@ -125,26 +133,62 @@ def job_demands(settings: Settings, kind: str) -> list[Demand]:
     if kind == "ingest":
         ing = settings.ingest
         return [
-            Demand("ingest load/chunk tasks", LOAD_TASK_CPUS, 0.0, 1),
+            Demand("ingest load/chunk tasks", LOAD_TASK_CPUS, 0.0, 1, label="ingest load/chunk tasks"),
             Demand(
                 "ingest embedding actors (ingest.embed_actors x ingest.cpus_per_actor / ingest.gpus_per_actor)",
                 ing.cpus_per_actor, ing.gpus_per_actor, ing.embed_actors,
+                label=_label(("ingest.cpus_per_actor", ing.cpus_per_actor), ("ingest.gpus_per_actor", ing.gpus_per_actor),
+                             ("ingest.embed_actors", ing.embed_actors)),
+                keys=("ingest.cpus_per_actor", "ingest.gpus_per_actor", "ingest.embed_actors"),
+                fit="ingest.cpus_per_actor",
             ),
         ]  # fmt: skip
     if kind in ("train-sft", "train-reward"):
         ft = settings.finetune
-        out = [
-            Demand(
-                "training workers (finetune.workers x finetune.cpus_per_worker, 1 GPU each with finetune.use_gpu)",
-                ft.cpus_per_worker, 1.0 if ft.use_gpu else 0.0, ft.workers,
-            )
-        ]  # fmt: skip
+        out = [training_demand(settings)]
         if ft.data.runner == "ray":
             out.append(Demand("training data preparation (Ray Data tasks)", 1.0, 0.0, 1))
         return out
     if kind == "eval":
         return [Demand("eval driver (generator.device)", 1.0, 1.0 if _eval_needs_gpu(settings) else 0.0, 1)]
     raise ConfigError(f"unknown job '{kind}'; allowed: {', '.join(JOB_KINDS)}")
+
+
+def training_demand(settings: Settings) -> Demand:
+    """The Ray Train worker group of ``train sft|reward|ppo``."""
+    ft = settings.finetune
+    return Demand(
+        "training workers (finetune.workers x finetune.cpus_per_worker, 1 GPU each with finetune.use_gpu)",
+        ft.cpus_per_worker, 1.0 if ft.use_gpu else 0.0, ft.workers,
+        label=_label(("finetune.cpus_per_worker", ft.cpus_per_worker), ("finetune.use_gpu", ft.use_gpu),
+                     ("finetune.workers", ft.workers)),
+        keys=("finetune.cpus_per_worker", "finetune.use_gpu", "finetune.workers"),
+        fit="finetune.cpus_per_worker",
+    )  # fmt: skip
+
+
+def training_demands(settings: Settings, kind: str) -> list[Demand]:
+    """What ``train <kind>`` holds while it trains: the workers, and PPO's rollout actors if any."""
+    out = [training_demand(settings)]
+    ro = settings.finetune.ppo.rollout
+    if kind == "ppo" and ro.where == "actors":
+        out.append(
+            Demand(
+                "PPO rollout actors (finetune.ppo.rollout.actors x cpus_per_actor / gpus_per_actor)",
+                ro.cpus_per_actor, ro.gpus_per_actor, ro.actors,
+                label=_label(("finetune.ppo.rollout.cpus_per_actor", ro.cpus_per_actor),
+                             ("finetune.ppo.rollout.gpus_per_actor", ro.gpus_per_actor),
+                             ("finetune.ppo.rollout.actors", ro.actors)),
+                keys=("finetune.ppo.rollout",),
+            )
+        )  # fmt: skip
+    return out
+
+
+def _label(*pairs: tuple[str, object]) -> str:
+    """``a=1 × b=2`` of the settings that matter (GPU settings only when they ask for GPUs)."""
+    shown = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in pairs if v not in (0, 0.0, False, None)]
+    return " × ".join(shown)
 
 
 def _eval_needs_gpu(settings: Settings) -> bool:
@@ -175,6 +219,10 @@ def serve_demands(settings: Settings) -> list[Demand]:
             Demand(
                 f"serve deployment {name} (serve.{key}.num_cpus / num_gpus x autoscaling.max_replicas)",
                 d.num_cpus, d.num_gpus, auto.max_replicas, auto.min_replicas,
+                label=_label((f"serve.{key}.num_cpus", float(d.num_cpus)), (f"serve.{key}.num_gpus", float(d.num_gpus)),
+                             (f"serve.{key}.autoscaling.min_replicas", auto.min_replicas)),
+                keys=(f"serve.{key}.num_cpus", f"serve.{key}.num_gpus", f"serve.{key}.autoscaling"),
+                fit=f"serve.{key}.num_cpus",
             )
         )  # fmt: skip
     return out
