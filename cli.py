@@ -22,12 +22,14 @@ from ragops.commands.common import (
     ConfigOpt,
     DataDirOpt,
     JsonOpt,
+    ScheduleTimeoutOpt,
     SetOpt,
     emit_json,
     err,
     handle_errors,
     out,
     settings_from,
+    with_schedule_timeout,
 )
 from ragops.config import dump_yaml
 
@@ -93,6 +95,7 @@ def ingest(
     runner: Annotated[
         Optional[str], typer.Option("--runner", help="'ray' (Ray Data, default) or 'local' (in-process).")
     ] = None,
+    schedule_timeout: ScheduleTimeoutOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Load, chunk, embed and write documents into Qdrant, incrementally.
@@ -101,22 +104,18 @@ def ingest(
     --prune deletes documents that disappeared. Failed files are listed and make the exit
     status non-zero, but every other document is still ingested.
     """
+    from ragops.commands.progress import progress_display
     from ragops.ingest.pipeline import run_ingest
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    overrides = list(set_ or [])
+    overrides = with_schedule_timeout(set_, schedule_timeout)
     if runner:
         overrides.append(f"ingest.runner={runner}")
     settings = settings_from(config, overrides, data_dir)
-    progress = Progress(
-        TextColumn("[bold]ingest[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("files · {task.fields[documents]} documents · {task.fields[chunks]} chunks · {task.fields[rate]:.0f} points/s"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    )
+    progress = progress_display(
+        settings, "ingest",
+        "files · {task.fields[documents]} documents · {task.fields[chunks]} chunks · {task.fields[rate]:.0f} points/s",
+        err,
+    )  # fmt: skip
     with progress:
         task = progress.add_task("ingest", total=None, documents=0, chunks=0, rate=0.0)
 

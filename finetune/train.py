@@ -116,7 +116,9 @@ def _with_overrides(
         return settings
     data = ft.model_dump()
     data.update({k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in updates.items()})
-    return settings.model_copy(update={"finetune": type(ft).model_validate(data)})
+    chosen = [f"finetune.{k}" for k in updates if k != kind] + ([f"finetune.{kind}.max_steps"] if max_steps is not None else [])
+    # Command-line options are the user's choices, like --set (admission never fits them).
+    return settings.model_copy(update={"finetune": type(ft).model_validate(data)}).with_explicit(chosen)
 
 
 def _resolve_resume(store: RunStore, resume: str, kind: str, data_hash: str) -> tuple[RunRecord | None, str | None]:

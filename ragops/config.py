@@ -278,6 +278,14 @@ class Settings(StrictModel):
         parts = key.split(".")
         return any(".".join(parts[: i + 1]) in self._explicit for i in range(len(parts)))
 
+    def __eq__(self, other: object) -> bool:
+        # The same settings are equal however they were given (the explicit keys are provenance).
+        if not isinstance(other, Settings):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like any non-frozen model
+
     @property
     def explicit_keys(self) -> frozenset[str]:
         """The dotted keys a config file, the environment or ``--set`` gave."""

@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import TracebackType
 
 from ragops.errors import RagopsError
@@ -75,7 +75,7 @@ class Watchdog:
         what: The command, for the message (``ingest``, ``train sft``).
         status: Where the work stands (files done, last step), for the message.
         pending: What Ray waits for (:func:`pending_report`; tests pass their own).
-        write: Where the message goes besides the error (stderr: job logs must show it).
+        write: Where the message goes when the process must exit without unwinding (stderr).
         hard_exit: Exit the process if the interrupted main thread has not unwound after
             :data:`GRACE_S` (a driver stuck in a C call never sees the interrupt).
     """
@@ -135,11 +135,11 @@ class Watchdog:
                 "Stopped here: run the same command again to resume, and lower the resources it asks for "
                 "or add nodes if Ray has demand it cannot place (runtime.stall_timeout_s sets the limit)"
             )
-            self.write(f"stalled: {self.message}")
             if self._main is not None:
-                signal.pthread_kill(self._main, signal.SIGINT)
+                signal.pthread_kill(self._main, signal.SIGINT)  # the command raises Stalled and says why
             if self.hard_exit and self._halt.wait(GRACE_S) is False:
-                self.write(f"stalled: {self.what} did not stop within {GRACE_S:.0f}s of the interrupt; exiting")
+                self.write(f"error: {self.message}")
+                self.write(f"{self.what} did not stop within {GRACE_S:.0f}s of the interrupt; exiting")
                 os._exit(Stalled.exit_code)
             return
 
@@ -149,8 +149,3 @@ def _stderr(line: str) -> None:
     sys.stderr.flush()
 
 
-def beating(items: Iterator, dog: Watchdog) -> Iterator:
-    """Yield ``items``, beating ``dog`` after each."""
-    for item in items:
-        dog.beat()
-        yield item

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -178,3 +179,68 @@ def _details_dict(d: Any) -> dict[str, Any]:
         "end_time": getattr(d, "end_time", None),
         "metadata": dict(getattr(d, "metadata", None) or {}),
     }
+
+
+def elapsed_text(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``."""
+    s = int(max(0, seconds))
+    if s < 120:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class StateWatcher(threading.Thread):
+    """While ``ragops job submit`` follows a job: its state changes, and signs of life.
+
+    A job that waits for resources or works without logging shows nothing in its log stream;
+    this thread polls the job's status and prints each change with the elapsed time, and
+    while the logs are quiet for ``quiet_s``, a line saying the job is still in its state.
+
+    Args:
+        client: A :class:`JobClient` of its own (the follower's is busy streaming).
+        job_id: The submitted job.
+        say: Where lines go (stderr).
+        poll_s: Seconds between status polls.
+        quiet_s: Seconds of log silence before a "still RUNNING" line (and between two).
+    """
+
+    def __init__(
+        self, client: "JobClient", job_id: str, say: Callable[[str], None], *, poll_s: float = 2.0, quiet_s: float = 60.0
+    ) -> None:
+        super().__init__(daemon=True, name=f"job-state-{job_id}")
+        self.client, self.job_id, self.say = client, job_id, say
+        self.poll_s, self.quiet_s = poll_s, quiet_s
+        self.started = time.monotonic()
+        self._last_output = self.started
+        self._halt = threading.Event()
+        self.states: list[str] = []
+
+    def saw_output(self) -> None:
+        """The job wrote log output (it is alive: no heartbeat needed)."""
+        self._last_output = time.monotonic()
+
+    def stop(self) -> None:
+        """Stop polling."""
+        self._halt.set()
+
+    def run(self) -> None:
+        last_note = self.started
+        while not self._halt.is_set():
+            try:
+                status = self.client.status(self.job_id)
+            except ClusterError:
+                status = None  # a dropped poll: the follower reports real failures
+            now = time.monotonic()
+            if status and (not self.states or status != self.states[-1]):
+                before = f"{self.states[-1]} → " if self.states else ""
+                self.states.append(status)
+                self.say(f"job {self.job_id}: {before}{status} ({elapsed_text(now - self.started)})")
+                last_note = now
+            elif status and now - max(self._last_output, last_note) >= self.quiet_s:
+                self.say(f"job {self.job_id} still {status}, {elapsed_text(now - self.started)} elapsed")
+                last_note = now
+            if status in TERMINAL:
+                return
+            self._halt.wait(self.poll_s)

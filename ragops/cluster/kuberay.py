@@ -54,6 +54,8 @@ QDRANT_KEY = "qdrant-api-key"
 CHAT_KEYS_KEY = "api-keys-chat"
 ADMIN_KEYS_KEY = "api-keys-admin"
 CHAT_KEYS_ENV = "RAGOPS_API_KEYS_CHAT"
+#: ``runtime.autoscaling`` as the pods' environment sets it.
+AUTOSCALING_ENV = "RAGOPS_RUNTIME__AUTOSCALING"
 ADMIN_KEYS_ENV = "RAGOPS_API_KEYS_ADMIN"
 SERVE_IMPORT_PATH = "ragops.serve.app:build_app"
 #: ragops command run by each RayJob kind (the user's arguments follow).
@@ -195,6 +197,10 @@ def _env(settings: Settings, opts: RenderOptions, *, config_env: bool, serve_key
     env: list[dict[str, Any]] = []
     if config_env:
         env += [{"name": k, "value": v} for k, v in settings_env(settings)]
+    if settings.runtime.autoscaling == "auto":
+        # Every rendered cluster runs KubeRay's autoscaler: a command whose stages do not fit the
+        # pods running now waits for new ones (runtime.schedule_timeout_s) instead of failing.
+        env.append({"name": AUTOSCALING_ENV, "value": "on"})
     if opts.ray_auth_secret:
         env.append({"name": "RAY_AUTH_MODE", "value": "token"})
         env.append(SecretEnv("RAY_AUTH_TOKEN", opts.ray_auth_secret, RAY_TOKEN_KEY, optional=False).to_env())

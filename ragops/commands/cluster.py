@@ -93,6 +93,9 @@ def job_submit(
 ) -> None:
     """Submit COMMAND as a Ray job, stream its logs and exit with its status.
 
+    While it waits, the job's state changes (PENDING → RUNNING → ...) and, when its logs are
+    quiet, the elapsed time are printed on stderr.
+
     Exit status: 0 when the job SUCCEEDED, 1 when it FAILED or was STOPPED (the failure
     message and the last log lines go to stderr), 2 when it was refused before submission.
     Ctrl-C detaches: the job keeps running (`ragops job stop ID` stops it).
@@ -106,7 +109,7 @@ def job_submit(
     from ragops.cluster.connection import alive_nodes, connect
     from ragops.cluster.entrypoint import build_job, check_store_placement, project_requirements
     from ragops.cluster.errors import AuthError, ClusterError
-    from ragops.cluster.jobs import JobClient, exit_code_for, last_lines, short_message
+    from ragops.cluster.jobs import JobClient, StateWatcher, exit_code_for, last_lines, short_message
     from ragops.errors import RagopsError
 
     wd: Path | None = None if no_working_dir else working_dir.resolve()
@@ -138,11 +141,15 @@ def job_submit(
         return
     log_stream = sys.stderr if as_json else sys.stdout
 
+    watcher = StateWatcher(JobClient(conn), job_id, lambda line: err.print(line, highlight=False, markup=False))
+
     def write(chunk: str) -> None:
+        watcher.saw_output()
         log_stream.write(chunk)
         log_stream.flush()
 
     started = time.monotonic()
+    watcher.start()
     try:
         try:
             client.follow(job_id, write)
@@ -152,6 +159,9 @@ def job_submit(
     except KeyboardInterrupt:
         err.print(f"[yellow]detached[/]: {job_id} keeps running; `ragops job logs {job_id} --follow` or `ragops job stop {job_id}`")
         raise typer.Exit(130) from None
+    finally:
+        watcher.stop()
+        watcher.join(timeout=3)
     status = info["status"]
     code = exit_code_for(status)
     elapsed = time.monotonic() - started
@@ -269,6 +279,9 @@ def cluster_up(
 ) -> None:
     """Start a local Ray head (token auth, dashboard on 127.0.0.1:PORT) and wait for its Jobs API.
 
+    Prints the CPUs and GPUs the head registered, and warns when they are fewer than the
+    default settings of `ragops ingest` or `ragops train` need.
+
     Jobs submitted to it inherit this command's environment: export the secrets they need
     (QDRANT_API_KEY, ...) before running it. Stop it with `ragops cluster down`.
     """
@@ -277,11 +290,17 @@ def cluster_up(
     with err.status("starting a local Ray head…", spinner="dots") if not as_json else _Null():
         head, started = start_head(port, num_cpus=num_cpus, num_gpus=num_gpus, temp_dir=temp_dir, timeout_s=timeout)
     data = {**head.to_dict(), "started": started}
+    summary, notes = _capacity_notes(head.dashboard_url)
+    data.update({"CPU": summary.get("CPU"), "GPU": summary.get("GPU"), "warnings": notes})
     if as_json:
         emit_json(data)
         return
     verb = "started" if started else "already running"
     out.print(f"local Ray head {verb}: {head.dashboard_url}", highlight=False)
+    if summary:
+        out.print(f"  registered {summary['CPU']:g} CPUs, {summary['GPU']:g} GPUs", highlight=False)
+    for note in notes:
+        _warn(note)
     out.print(f"  ragops job submit --address {head.dashboard_url} -- ragops ingest ./docs", highlight=False)
     out.print(
         f"  plain Ray CLI: RAY_ADDRESS={head.dashboard_url} RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={head.token_path} "
@@ -289,6 +308,34 @@ def cluster_up(
         highlight=False,
     )
     out.print(f"  stop it: ragops cluster down --port {head.dashboard_port}", highlight=False)
+
+
+def _capacity_notes(address: str) -> tuple[dict[str, Any], list[str]]:
+    """The head's registered resources, and a warning per command whose defaults need more."""
+    from ragops.cluster.admission import NodeRoom, place
+    from ragops.cluster.connection import connect
+    from ragops.cluster.errors import ClusterError
+    from ragops.cluster.localhead import cluster_summary
+    from ragops.cluster.resources import job_demands, training_demands
+    from ragops.config import Settings
+
+    try:
+        summary = cluster_summary(connect(address))
+    except ClusterError:
+        return {}, []
+    node = NodeRoom("head", summary["CPU"], summary["GPU"], summary["CPU"], summary["GPU"])
+    defaults = Settings()
+    load, actors = job_demands(defaults, "ingest")
+    notes = []
+    for command, demands in (("ingest", [actors, load]), ("train", training_demands(defaults, "sft"))):
+        reason = place(demands, [node])
+        if reason is not None:
+            notes.append(
+                f"{summary['CPU']:g} CPUs are fewer than the default settings need for `ragops {command}` ({reason}). "
+                "Jobs fit built-in defaults to this head; values you set yourself must fit (or restart with a "
+                "larger --num-cpus)"
+            )
+    return summary, notes
 
 
 @cluster_app.command("down")

@@ -31,6 +31,13 @@ DataDirOpt = Annotated[
 ]
 CollectionOpt = Annotated[Optional[str], typer.Option("--collection", help="Collection name (default from config).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+ScheduleTimeoutOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--schedule-timeout", min=1,
+        help="With an autoscaling cluster: seconds to wait for the nodes this command needs (runtime.schedule_timeout_s).",
+    ),
+]  # fmt: skip
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -55,6 +62,12 @@ def handle_errors(fn: F) -> F:
 def settings_from(config: list[str] | None, overrides: list[str] | None, data_dir: Path | None) -> Settings:
     """Load settings with the CLI's precedence (defaults < files < env < --set < --data-dir)."""
     return load_settings(config or [], overrides or [], data_dir=data_dir)
+
+
+def with_schedule_timeout(overrides: list[str] | None, schedule_timeout: float | None) -> list[str]:
+    """``--set`` items plus ``--schedule-timeout`` as ``runtime.schedule_timeout_s``."""
+    extra = [f"runtime.schedule_timeout_s={schedule_timeout}"] if schedule_timeout is not None else []
+    return [*(overrides or []), *extra]
 
 
 def emit_json(data: Any) -> None:

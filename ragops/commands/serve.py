@@ -131,6 +131,7 @@ def serve_command(
             # ray.init installs Ray's own SIGTERM handler (it logs a stack and kills the
             # process): take SIGTERM back so that it shuts Serve down like Ctrl-C.
             signal.signal(signal.SIGTERM, _raise_interrupt)
+            settings = admit_serve(settings)
             serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
             try:
                 serve.run(build_application(settings, keys=keys), name=APP_NAME, route_prefix="/")
@@ -150,6 +151,25 @@ def serve_command(
     finally:
         signal.signal(signal.SIGTERM, previous)
         _shutdown(started_ray)
+
+
+def admit_serve(settings: Settings) -> Settings:
+    """Admit every deployment's ``min_replicas`` (fit, wait or fail, before Serve waits forever).
+
+    Replicas above the minimum are the autoscaler's to place; when even the largest sizes do
+    not fit, a warning says the deployments will stop scaling there.
+    """
+    from dataclasses import replace
+
+    from ragops.cluster.admission import admit, autoscaling, cluster_room, place
+    from ragops.cluster.resources import serve_demands
+
+    demands = serve_demands(settings)
+    fitted = admit(settings, [replace(d, count=d.min_count) for d in demands])
+    most = None if autoscaling(fitted) else place(serve_demands(fitted), cluster_room())
+    if most is not None:
+        err.print(f"[yellow]warning:[/] at their autoscaling.max_replicas the deployments will not fit: {most}", highlight=False)
+    return fitted
 
 
 def _url(host: str, port: int) -> str:

@@ -17,16 +17,20 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from ragops.config import Settings
+
 from ragops.commands.common import (
     ConfigOpt,
     DataDirOpt,
     JsonOpt,
+    ScheduleTimeoutOpt,
     SetOpt,
     emit_json,
     err,
     handle_errors,
     out,
     parse_tags,
+    with_schedule_timeout,
     settings_from,
 )
 
@@ -79,7 +83,12 @@ _PROGRESS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
 _PROGRESS["reward"] = _PROGRESS["sft"]
 
 
-def _run_training(kind: str, call: Callable[[Callable[[dict[str, Any]], None], Callable[[str, dict[str, Any]], None]], Any], as_json: bool) -> None:
+def _run_training(
+    kind: str,
+    settings: Settings,
+    call: Callable[[Callable[[dict[str, Any]], None], Callable[[str, dict[str, Any]], None]], Any],
+    as_json: bool,
+) -> None:
     """Shared body of ``train sft|reward|ppo``: progress on stderr, then the summary (or JSON).
 
     Args:
@@ -87,19 +96,10 @@ def _run_training(kind: str, call: Callable[[Callable[[dict[str, Any]], None], C
         call: Runs the training with ``(progress, on_event)`` callbacks; returns a ``TrainResult``.
         as_json: Print the summary as JSON on stdout.
     """
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    from ragops.commands.progress import progress_display
 
     header, fields_of = _PROGRESS[kind]
-    progress = Progress(
-        TextColumn(f"[bold]{kind}[/]"), BarColumn(), MofNCompleteColumn(), TextColumn(header), TimeElapsedColumn(),
-        console=err, transient=True,
-    )  # fmt: skip
+    progress = progress_display(settings, kind, header, err)
     state: dict[str, Any] = {name: "-" for name in fields_of}
     state["note"] = "preparing data"
 
@@ -158,6 +158,7 @@ def _run(
     tags = parse_tags(tag)
     _run_training(
         kind,
+        settings,
         lambda on_step, on_event: train(
             settings, kind, data, base_model=base, workers=workers, use_gpu=True if gpu else None,  # type: ignore[arg-type]
             max_steps=max_steps, resume=resume, tags=tags, progress=on_step, on_event=on_event,
@@ -207,6 +208,7 @@ def train_sft(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     data_dir: DataDirOpt = None,
+    schedule_timeout: ScheduleTimeoutOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Supervised fine-tuning with LoRA on chat or RAG records (question, answer, contexts | retrieve).
@@ -215,7 +217,8 @@ def train_sft(
     question) and the target answer cites the passage(s) that contain it. The loss covers the
     answer only. The adapter is published as sft-YYYYMMDD-HHMM-xxxx and sft-latest moves to it.
     """
-    _run("sft", data, base, workers, gpu, max_steps, resume, tag, config, set_, data_dir, as_json)
+    overrides = with_schedule_timeout(set_, schedule_timeout)
+    _run("sft", data, base, workers, gpu, max_steps, resume, tag, config, overrides, data_dir, as_json)
 
 
 @train_app.command("reward")
@@ -231,6 +234,7 @@ def train_reward(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     data_dir: DataDirOpt = None,
+    schedule_timeout: ScheduleTimeoutOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a reward model on preference pairs ({prompt, chosen, rejected}) or chat feedback records.
@@ -238,7 +242,8 @@ def train_reward(
     Reports pairwise accuracy on a held-out split before and after training. The model is
     published as reward-YYYYMMDD-HHMM-xxxx; reward-latest and rm-latest move to it.
     """
-    _run("reward", data, base, workers, gpu, max_steps, resume, tag, config, set_, data_dir, as_json)
+    overrides = with_schedule_timeout(set_, schedule_timeout)
+    _run("reward", data, base, workers, gpu, max_steps, resume, tag, config, overrides, data_dir, as_json)
 
 
 @train_app.command("ppo")
@@ -272,6 +277,7 @@ def train_ppo(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     data_dir: DataDirOpt = None,
+    schedule_timeout: ScheduleTimeoutOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """RLHF-style PPO: a LoRA policy sampled on prompts, rewarded, held near the base by a KL penalty.
@@ -284,10 +290,11 @@ def train_ppo(
     """
     from ragops.finetune.ppo_train import train_ppo as run_ppo
 
-    settings = settings_from(config, set_, data_dir)
+    settings = settings_from(config, with_schedule_timeout(set_, schedule_timeout), data_dir)
     tags = parse_tags(tag)
     _run_training(
         "ppo",
+        settings,
         lambda on_step, on_event: run_ppo(
             settings, prompts, base_model=base, init=init, reward=reward, workers=workers,
             use_gpu=True if gpu else None, max_steps=max_steps, resume=resume, tags=tags, progress=on_step,

@@ -252,8 +252,11 @@ def test_secrets_are_references_never_values(cluster_settings: Any) -> None:
 def test_config_travels_as_env_and_round_trips(cluster_settings: Any) -> None:
     job = render_job(cluster_settings, "ingest", ["docs"], _opts())
     env = [(e["name"], e["value"]) for e in _containers(job)[0]["env"] if e["name"].startswith("RAGOPS_")]
-    assert env == settings_env(cluster_settings)
-    assert settings_from_env(env) == cluster_settings
+    # The settings, then the autoscaler's presence (runtime.autoscaling) that every rendered cluster has.
+    assert env[-1] == ("RAGOPS_RUNTIME__AUTOSCALING", "on")
+    assert env[:-1] == settings_env(cluster_settings)
+    assert settings_from_env(env[:-1]) == cluster_settings
+    assert settings_from_env(env).runtime.autoscaling == "on"
     assert ("RAGOPS_HOME", "/mnt/ragops") in env
     mounts = {m["mountPath"]: m["name"] for m in _containers(job)[0]["volumeMounts"]}
     assert mounts["/mnt/ragops"] == "ragops-data" and mounts["/dev/shm"] == "dshm"
