@@ -37,6 +37,8 @@ EPS = 1e-6
 MIN_FITTED_CPUS = 0.1
 #: Seconds between two looks at the cluster while the autoscaler adds nodes.
 POLL_S = 2.0
+#: Seconds to wait for just-released resources to show as free before deciding.
+SETTLE_S = 5.0
 
 
 class Unschedulable(RagopsError):
@@ -80,6 +82,10 @@ def cluster_room() -> list[NodeRoom]:
             )
         )  # fmt: skip
     return out
+
+
+def _busy(n: NodeRoom) -> bool:
+    return n.free_cpus + EPS < n.cpus or n.free_gpus + EPS < n.gpus
 
 
 def _amount(cpus: float, gpus: float) -> str:
@@ -242,6 +248,13 @@ def admit(
     say = notify or _note
     nodes = room()
     reason = place(demands, nodes)
+    # Resources a stage just released (the data-preparation tasks of a training run) show as
+    # free a moment later: while some are in use, look again briefly before deciding.
+    settle_until = time.monotonic() + SETTLE_S
+    while reason is not None and any(_busy(n) for n in nodes) and time.monotonic() < settle_until:
+        sleep(0.5)
+        nodes = room()
+        reason = place(demands, nodes)
     if reason is None:
         return settings
     if autoscaling(settings) and not in_process_ray(settings):

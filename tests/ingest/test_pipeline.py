@@ -215,3 +215,24 @@ def test_ray_runner_matches_local_runner(make_settings, tmp_path: Path) -> None:
     assert _point_ids(s_ray) == _point_ids(s_local)
     again = run_ingest(s_ray, [str(docs)])
     assert again.unchanged == 9 and again.points_written == 0
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_stalled_ray_pipeline_stops_with_what_is_pending_and_a_rerun_resumes(make_settings, tmp_path: Path) -> None:
+    from ragops.watchdog import Stalled
+
+    docs = _write_corpus(tmp_path / "docs", n=4)
+    hold = tmp_path / "hold"
+    hold.touch()  # the embedding stage waits while this file exists: no batch ever reaches the driver
+    stalled = make_settings(
+        "ingest.runner=ray", "ingest.cpus_per_actor=1", "runtime.stall_timeout_s=3", f"ingest.test_hold_file={hold}",
+        data_dir=tmp_path / "data",
+    )  # fmt: skip
+    with pytest.raises(Stalled) as exc:
+        run_ingest(stalled, [str(docs)])
+    msg = str(exc.value)
+    assert msg.startswith("ingest made no progress for") and "(0/5 files read, 0 chunks written)" in msg
+    assert "pending resource demand:" in msg and "run the same command again to resume" in msg
+    hold.unlink()
+    again = run_ingest(make_settings("ingest.runner=ray", "ingest.cpus_per_actor=1", data_dir=tmp_path / "data"), [str(docs)])
+    assert again.ok and again.new == 5  # every document, all new: nothing was half-written

@@ -6,6 +6,7 @@ folder's README): tests that need them skip with the reason when the folder is a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -27,11 +28,11 @@ def crds() -> CrdValidator:
     return CrdValidator(CRD_DIR)
 
 
-@pytest.fixture(scope="module")
-def ray_head() -> Iterator[Any]:
+@contextlib.contextmanager
+def local_head(num_cpus: int) -> Iterator[Any]:
     """A real local Ray head with the Jobs API and token auth, started by ``ragops cluster up``'s
     code on free ports and its own short temp dir, so it never touches the test session's
-    in-process Ray; stopped (its processes only) at the end."""
+    in-process Ray; stopped (its processes only) at the end. Yields ``(head, env)``."""
     from ragops.cluster.localhead import _free_port, start_head, stop_head
 
     registry = Path(tempfile.mkdtemp(prefix="rgh-"))
@@ -40,7 +41,7 @@ def ray_head() -> Iterator[Any]:
     for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
         env.pop(name, None)
     port = _free_port()
-    head, _ = start_head(port, num_cpus=2, temp_dir=temp, timeout_s=150, environ=env)
+    head, _ = start_head(port, num_cpus=num_cpus, temp_dir=temp, timeout_s=150, environ=env)
     try:
         # The CLI finds the head's token through the registry named by RAGOPS_HEADS_DIR. The
         # session's in-process ray.init() sets RAY_AUTH_MODE=token in os.environ (Ray 2.60
@@ -51,3 +52,10 @@ def ray_head() -> Iterator[Any]:
         stop_head(head, environ=env)
         shutil.rmtree(registry, ignore_errors=True)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[Any]:
+    """A 2-CPU local head (see :func:`local_head`)."""
+    with local_head(2) as head:
+        yield head

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,7 @@ from tests.ragops.cluster._helpers import cluster_cli
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def job_cli(ray_head: Any) -> Any:
+def _job_cli(ray_head: Any) -> Any:
     head, env = ray_head
     runner = CliRunner()
     app = cluster_cli()
@@ -33,6 +33,21 @@ def job_cli(ray_head: Any) -> Any:
     run.address = head.dashboard_url  # type: ignore[attr-defined]
     run.environ = {k: v for k, v in env.items() if v is not None}  # type: ignore[attr-defined]
     return run
+
+
+@pytest.fixture(scope="module")
+def job_cli(ray_head: Any) -> Any:
+    return _job_cli(ray_head)
+
+
+def _bounded(call: Any, limit_s: float = 120.0) -> Any:
+    """``call()``, failing the test if it has not returned after ``limit_s`` (a hang, not a slow run)."""
+    box: list[Any] = []
+    t = threading.Thread(target=lambda: box.append(call()), daemon=True)
+    t.start()
+    t.join(limit_s)
+    assert box, f"still waiting after {limit_s:.0f}s: the job hangs instead of failing"
+    return box[0]
 
 
 def _flat(text: str) -> str:
@@ -57,6 +72,11 @@ def test_cluster_status_reports_the_head(job_cli: Any, ray_head: Any) -> None:
     assert data["running"] is True and data["nodes"] == 1 and data["CPU"] == 2.0
     again = job_cli("cluster", "up", "--port", str(head.dashboard_port), "--json")
     assert again.exit_code == 0 and json.loads(again.stdout)["started"] is False  # found, not restarted
+    up = json.loads(again.stdout)
+    # 2 CPUs: fewer than the default ingest needs (a 2-CPU actor beside a load task); train's 1 fits.
+    assert up["CPU"] == 2.0 and len(up["warnings"]) == 1 and "`ragops ingest`" in up["warnings"][0]
+    shown = job_cli("cluster", "up", "--port", str(head.dashboard_port))
+    assert "registered 2 CPUs, 0 GPUs" in shown.stdout and "fewer than the default settings need" in _flat(shown.stderr)
     from ragops.cluster.localhead import _free_port
 
     idle = _free_port()
@@ -74,11 +94,14 @@ def test_ingest_runs_as_a_job(job_cli: Any, tiny_embedder: Path, tmp_path: Path)
         "job", "submit", "--address", job_cli.address, "--working-dir", str(work), "--",
         "ragops", "ingest", "docs", "--data-dir", str(data_dir),
         "--set", f"embedder.model={tiny_embedder}",
-        "--set", "ingest.cpus_per_actor=1",
         "--set", "ingest.chunker.chunk_tokens=64", "--set", "ingest.chunker.overlap_tokens=8",
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "SUCCEEDED" in _flat(r.stderr) and "points_written" in r.stdout
+    # The default embedding actor (2 CPUs) plus a load task do not fit 2 CPUs: fitted, not hung.
+    assert "fitted to this cluster" in _flat(r.stdout) and "ingest.cpus_per_actor=1.75" in _flat(r.stdout)
+    # The job's state changes, as `ragops job submit` saw them.
+    assert "RUNNING → SUCCEEDED" in _flat(r.stderr)
     # The job wrote where the command said, with the settings it was given.
     from ragops.config import load_settings
     from ragops.index import collection_stats
@@ -90,6 +113,29 @@ def test_ingest_runs_as_a_job(job_cli: Any, tiny_embedder: Path, tmp_path: Path)
     assert mine and mine[0]["status"] == "SUCCEEDED"
     logs = job_cli("job", "logs", mine[0]["submission_id"], "--address", job_cli.address)
     assert logs.exit_code == 0 and "points_written" in logs.stdout
+    # No terminal under a job: progress comes as plain lines (done/total, counts, rate, elapsed).
+    lines = [ln for ln in logs.stdout.splitlines() if ln.startswith("ingest: ")]
+    assert lines and "3/3 files · 3 documents ·" in lines[-1] and "points/s" in lines[-1] and "elapsed" in lines[-1]
+
+
+def test_ingest_that_needs_more_than_the_head_has_fails_at_once(tiny_embedder: Path, tmp_path: Path) -> None:
+    from tests.ragops.cluster.conftest import local_head
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A\n\nSome text about Ray.\n")
+    with local_head(1) as small:
+        cli = _job_cli(small)
+        r = _bounded(lambda: cli(
+            "job", "submit", "--address", cli.address, "--working-dir", str(tmp_path), "--",
+            "ragops", "ingest", "docs", "--data-dir", str(tmp_path / "data"), "--set", f"embedder.model={tiny_embedder}",
+            "--set", "ingest.cpus_per_actor=2",
+        ))  # fmt: skip
+    assert r.exit_code == 1, r.output
+    assert (
+        "ingest.cpus_per_actor=2 × ingest.embed_actors=1 needs 2 CPUs on one node, the largest node has 1 CPU: "
+        "lower it or add nodes"
+    ) in _flat(r.stdout + r.stderr)
+    assert "(driver exit code 3)" in _flat(r.stderr)
 
 
 def test_failing_job_exits_nonzero_with_its_logs(job_cli: Any) -> None:
@@ -160,3 +206,18 @@ def test_train_sft_runs_as_a_job(job_cli: Any, tiny_llm_dir: Path, tmp_path: Pat
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "SUCCEEDED" in _flat(r.stderr)
+
+
+def test_train_with_more_workers_than_cpus_fails_at_once(job_cli: Any, tiny_llm_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "sft.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"{i}?"}, {"role": "assistant", "content": str(i)}]} for i in range(4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = _bounded(lambda: job_cli(
+        "job", "submit", "--address", job_cli.address, "--no-working-dir", "--",
+        "ragops", "train", "sft", "--data", str(data), "--base", str(tiny_llm_dir), "--max-steps", "2",
+        "--workers", "3", "--data-dir", str(tmp_path / "data"),
+    ))  # fmt: skip
+    assert r.exit_code == 1, r.output
+    text = _flat(r.stdout + r.stderr)
+    assert "finetune.cpus_per_worker=1 × finetune.workers=3 needs 3 CPUs in all (3 × 1 CPU)" in text
+    assert "room for 2 of 3: lower it or add nodes" in text
