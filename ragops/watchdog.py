@@ -31,7 +31,7 @@ GRACE_S = 60.0
 class Stalled(RagopsError):
     """A running pipeline or training made no progress for ``runtime.stall_timeout_s``."""
 
-    exit_code = 4
+    exit_code = 6
 
 
 def pending_report() -> str:

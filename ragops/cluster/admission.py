@@ -44,7 +44,7 @@ SETTLE_S = 5.0
 class Unschedulable(RagopsError):
     """What a command asks Ray for cannot be placed on the cluster (and will not be)."""
 
-    exit_code = 3
+    exit_code = 5
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,19 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ragops.commands.common import ConfigOpt, DataDirOpt, JsonOpt, SetOpt, emit_json, err, handle_errors, out, settings_from
+from ragops.commands.common import (
+    ConfigOpt,
+    DataDirOpt,
+    JsonOpt,
+    ScheduleTimeoutOpt,
+    SetOpt,
+    emit_json,
+    err,
+    handle_errors,
+    out,
+    settings_from,
+    with_schedule_timeout,
+)
 from ragops.config import Settings
 from ragops.errors import RagopsError
 
@@ -90,6 +102,7 @@ def serve_command(
     host: HostOpt = None,
     port: PortOpt = None,
     insecure: InsecureOpt = False,
+    schedule_timeout: ScheduleTimeoutOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Serve the RAG chat API (OpenAI-compatible) and a web chat page on Ray Serve.
@@ -98,13 +111,14 @@ def serve_command(
     /v1/embeddings, /v1/feedback, GET /v1/models, /healthz, /metrics, and the chat page at /.
     API keys come from RAGOPS_API_KEYS_CHAT and RAGOPS_API_KEYS_ADMIN (comma-separated); without
     keys the server only binds a loopback address unless --insecure is given. Deployment sizes
-    and limits are the serve.* settings (see `ragops config show`). Blocks until Ctrl-C.
+    and limits are the serve.* settings (see `ragops config show`); each deployment's
+    min_replicas must fit the cluster (checked before starting). Blocks until Ctrl-C.
     --json prints {"url", "app", "auth"} once the application is up.
     """
     from ragops.serve.app import APP_NAME, build_application, check_topology
     from ragops.serve.auth import ApiKeys, check_bind
 
-    overrides = list(set_ or [])
+    overrides = with_schedule_timeout(set_, schedule_timeout)
     if host is not None:
         overrides.append(f"serve.host={host}")
     if port is not None:

@@ -20,7 +20,7 @@ def test_a_stall_interrupts_the_work_with_what_is_pending() -> None:
     msg = str(exc.value)
     assert "ingest made no progress for" in msg and "(3/10 files)" in msg and "1 × {CPU: 2}" in msg
     assert "run the same command again to resume" in msg and lines == []  # the error says it, once
-    assert Stalled.exit_code == 4
+    assert Stalled.exit_code == 6
 
 
 def test_beats_keep_it_quiet_and_zero_disables_it() -> None:

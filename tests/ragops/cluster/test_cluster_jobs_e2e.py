@@ -135,7 +135,7 @@ def test_ingest_that_needs_more_than_the_head_has_fails_at_once(tiny_embedder: P
         "ingest.cpus_per_actor=2 × ingest.embed_actors=1 needs 2 CPUs on one node, the largest node has 1 CPU: "
         "lower it or add nodes"
     ) in _flat(r.stdout + r.stderr)
-    assert "(driver exit code 3)" in _flat(r.stderr)
+    assert "(driver exit code 5)" in _flat(r.stderr)
 
 
 def test_failing_job_exits_nonzero_with_its_logs(job_cli: Any) -> None:
