@@ -122,6 +122,8 @@ class FaultInjection(TrainerCallback):
         rank: Which rank dies.
         store_root, run_id: The run whose checkpoint to wait for (optional).
         timeout_s: Longest wait for that checkpoint.
+        hang: Stop making progress instead of dying (what the stall watchdog's test needs):
+            the worker sleeps until its process is ended.
     """
 
     def __init__(
@@ -133,7 +135,9 @@ class FaultInjection(TrainerCallback):
         store_root: str | None = None,
         run_id: str | None = None,
         timeout_s: float = 60.0,
+        hang: bool = False,
     ) -> None:
+        self.hang = hang
         self.world_rank = world_rank
         self.step = step
         self.marker = Path(marker)
@@ -159,6 +163,10 @@ class FaultInjection(TrainerCallback):
         if step == self.step and self.world_rank == self.rank and not self.marker.exists():
             self._wait_for_checkpoint()
             self.marker.parent.mkdir(parents=True, exist_ok=True)
+            if self.hang:
+                self.marker.write_text(f"hung at step {self.step} (pid {os.getpid()})\n")
+                while True:
+                    time.sleep(1)
             self.marker.write_text(f"killed at step {self.step} (pid {os.getpid()})\n")
             os._exit(17)
 

@@ -13,7 +13,6 @@ memory does not grow with the corpus.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -24,10 +23,6 @@ from ragops.ingest.loaders import SourceFile
 from ragops.config import Settings
 from ragops.errors import RagopsError
 from ragops.raylocal import ensure_ray, unwrap_ray_error
-
-log = logging.getLogger(__name__)
-
-
 
 def load_chunk_batch(batch: dict[str, Any], stage: Any) -> dict[str, Any]:
     """Ray task body: run the (driver-built) load/chunk stage on one batch of files.

@@ -18,7 +18,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from types import TracebackType
+from types import FrameType, TracebackType
+from typing import Any
 
 from ragops.errors import RagopsError
 
@@ -100,6 +101,7 @@ class Watchdog:
         self._last = time.monotonic()
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
+        self._previous: Any = signal.SIG_DFL
         self._main = threading.main_thread().ident
 
     @property
@@ -114,14 +116,28 @@ class Watchdog:
     def __enter__(self) -> "Watchdog":
         if self.timeout_s > 0 and threading.current_thread() is threading.main_thread():
             self._last = time.monotonic()
+            # Our own SIGINT handler while we watch: libraries install theirs and keep them
+            # (Ray Train's stays after fit() returns), and ours must still interrupt the work.
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
             self._thread = threading.Thread(target=self._watch, daemon=True, name=f"watchdog-{self.what}")
             self._thread.start()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self._halt.set()
-        if self.fired and (exc_type is None or issubclass(exc_type, KeyboardInterrupt)):
+        if self._thread is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        if self.fired:
+            # Whatever the interrupted work raised (KeyboardInterrupt, Ray Train's abort), the
+            # cause is the stall.
             raise Stalled(self.message or "") from None
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        previous = self._previous
+        if not self.fired and callable(previous):
+            previous(signum, frame)  # a real Ctrl-C: whatever handled it before
+            return
+        raise KeyboardInterrupt
 
     def _watch(self) -> None:
         period = max(0.2, min(5.0, self.timeout_s / 5))

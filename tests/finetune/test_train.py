@@ -206,3 +206,16 @@ def test_qlora_is_refused_without_a_gpu(sft_file: Path, ft_settings: Callable[..
 
     with pytest.raises(ConfigError, match="QLoRA.*GPU"):
         train(ft_settings("finetune.lora.quantization=4bit"), "sft", sft_file)
+
+
+def test_a_training_that_stops_stepping_is_stopped_by_the_watchdog(tmp_path: Path, sft_file: Path, ft_settings: Callable[..., Any]) -> None:
+    from ragops.finetune.train import train
+    from ragops.runs import RunStore
+    from ragops.watchdog import Stalled
+
+    settings = ft_settings("finetune.max_failures=0", "runtime.stall_timeout_s=30")
+    with pytest.raises(Stalled) as exc:  # the worker hangs after step 2: no metrics row comes any more
+        train(settings, "sft", sft_file, workers=1, max_steps=6, fault={"step": 2, "marker": str(tmp_path / "h"), "hang": True})
+    assert str(exc.value).startswith("train sft made no progress for") and "last step 1" in str(exc.value)  # step 2 hangs before its row
+    (run,) = RunStore.from_settings(settings).list()
+    assert run.status == "failed" and run.error.startswith("stalled: train sft made no progress")

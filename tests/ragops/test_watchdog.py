@@ -39,3 +39,23 @@ def test_the_pending_report_reads_the_real_ray(ray_local: None) -> None:
 
     report = pending_report()
     assert report.startswith("pending resource demand:") and "free:" in report
+
+
+def test_a_stall_interrupts_even_when_a_library_took_sigint() -> None:
+    import signal
+
+    calls: list[int] = []
+
+    def library_handler(signum: int, frame: object) -> None:
+        calls.append(signum)
+
+    previous = signal.signal(signal.SIGINT, library_handler)  # as Ray Train leaves it after fit()
+    try:
+        with pytest.raises(Stalled):
+            with Watchdog(0.5, "ingest", pending=lambda: "", hard_exit=False):
+                for _ in range(200):
+                    time.sleep(0.05)
+        assert calls == []  # the stall's interrupt is ours, not the library's
+        assert signal.getsignal(signal.SIGINT) is library_handler  # given back
+    finally:
+        signal.signal(signal.SIGINT, previous)
