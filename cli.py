@@ -113,14 +113,15 @@ def ingest(
     settings = settings_from(config, overrides, data_dir)
     progress = progress_display(
         settings, "ingest",
-        "files · {task.fields[documents]} documents · {task.fields[chunks]} chunks · {task.fields[rate]:.0f} points/s",
+        "files · {task.fields[documents]} documents · {task.fields[chunks]} chunks · {task.fields[rate]:.0f} chunks/s",
         err,
     )  # fmt: skip
     with progress:
         task = progress.add_task("ingest", total=None, documents=0, chunks=0, rate=0.0)
 
         def on_progress(p: dict[str, Any]) -> None:
-            rate = p["points"] / p["elapsed"] if p["elapsed"] else 0.0
+            # Chunks, not points: points reach the store in write batches, so their count jumps.
+            rate = p["chunks"] / p["elapsed"] if p["elapsed"] else 0.0
             progress.update(task, completed=p["files_done"], total=p["files"], documents=p["documents"], chunks=p["chunks"],
                             rate=rate)  # fmt: skip
 

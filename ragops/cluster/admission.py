@@ -119,13 +119,13 @@ def place(demands: Sequence[Demand], nodes: Sequence[NodeRoom]) -> str | None:
                     r[1] -= d.gpus
                     break
             else:
-                return _reason(d, i, n, nodes, placed)
+                return _reason(d, i, n, nodes, placed, room)
         if n:
             placed.append(d)
     return None
 
 
-def _reason(d: Demand, i: int, n: int, nodes: Sequence[NodeRoom], placed: list[Demand]) -> str:
+def _reason(d: Demand, i: int, n: int, nodes: Sequence[NodeRoom], placed: list[Demand], room: list[list[float]]) -> str:
     fix = "lower it or add nodes"
     if not nodes:
         return f"{_name(d)} needs {_amount(d.cpus, d.gpus)} on one node, and the cluster has no alive node: {fix}"
@@ -141,6 +141,12 @@ def _reason(d: Demand, i: int, n: int, nodes: Sequence[NodeRoom], placed: list[D
     total_cpus = sum(x.free_cpus for x in nodes)
     total_gpus = sum(x.free_gpus for x in nodes)
     beside = f" beside {', '.join(_name(p) for p in placed)}" if placed else ""
+    if n == 1:
+        left = max(room, key=lambda r: (r[1], r[0])) if d.gpus > EPS else max(room, key=lambda r: r[0])
+        return (
+            f"{_name(d)} needs {_amount(d.cpus, d.gpus)} on one node{beside}; the largest node has "
+            f"{_amount(max(0.0, left[0]), max(0.0, left[1]))} left: {fix}"
+        )
     return (
         f"{_name(d)} needs {_amount(d.cpus * n, d.gpus * n)} in all ({n} × {_amount(d.cpus, d.gpus)}){beside}; "
         f"the cluster has {_amount(total_cpus, total_gpus)} free, room for {i} of {n}: {fix}"

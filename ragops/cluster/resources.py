@@ -133,7 +133,7 @@ def job_demands(settings: Settings, kind: str) -> list[Demand]:
     if kind == "ingest":
         ing = settings.ingest
         return [
-            Demand("ingest load/chunk tasks", LOAD_TASK_CPUS, 0.0, 1, label="ingest load/chunk tasks"),
+            Demand("ingest load/chunk tasks", LOAD_TASK_CPUS, 0.0, 1, label="an ingest load/chunk task"),
             Demand(
                 "ingest embedding actors (ingest.embed_actors x ingest.cpus_per_actor / ingest.gpus_per_actor)",
                 ing.cpus_per_actor, ing.gpus_per_actor, ing.embed_actors,

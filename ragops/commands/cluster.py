@@ -328,11 +328,12 @@ def _capacity_notes(address: str) -> tuple[dict[str, Any], list[str]]:
     load, actors = job_demands(defaults, "ingest")
     notes = []
     for command, demands in (("ingest", [actors, load]), ("train", training_demands(defaults, "sft"))):
-        reason = place(demands, [node])
-        if reason is not None:
+        if place(demands, [node]) is not None:
+            need = sum(d.cpus * d.count for d in demands)
+            parts = " + ".join(d.label or d.what for d in demands)
             notes.append(
-                f"{summary['CPU']:g} CPUs are fewer than the default settings need for `ragops {command}` ({reason}). "
-                "Jobs fit built-in defaults to this head; values you set yourself must fit (or restart with a "
+                f"{summary['CPU']:g} CPUs are fewer than the default `ragops {command}` asks for ({need:g} CPUs: {parts}). "
+                "Jobs fit built-in defaults to this head; values you set yourself must fit (or restart it with a "
                 "larger --num-cpus)"
             )
     return summary, notes

@@ -76,7 +76,7 @@ def test_cluster_status_reports_the_head(job_cli: Any, ray_head: Any) -> None:
     # 2 CPUs: fewer than the default ingest needs (a 2-CPU actor beside a load task); train's 1 fits.
     assert up["CPU"] == 2.0 and len(up["warnings"]) == 1 and "`ragops ingest`" in up["warnings"][0]
     shown = job_cli("cluster", "up", "--port", str(head.dashboard_port))
-    assert "registered 2 CPUs, 0 GPUs" in shown.stdout and "fewer than the default settings need" in _flat(shown.stderr)
+    assert "registered 2 CPUs, 0 GPUs" in shown.stdout and "fewer than the default `ragops ingest` asks for (2.25 CPUs:" in _flat(shown.stderr)
     from ragops.cluster.localhead import _free_port
 
     idle = _free_port()
@@ -115,7 +115,7 @@ def test_ingest_runs_as_a_job(job_cli: Any, tiny_embedder: Path, tmp_path: Path)
     assert logs.exit_code == 0 and "points_written" in logs.stdout
     # No terminal under a job: progress comes as plain lines (done/total, counts, rate, elapsed).
     lines = [ln for ln in logs.stdout.splitlines() if ln.startswith("ingest: ")]
-    assert lines and "3/3 files · 3 documents ·" in lines[-1] and "points/s" in lines[-1] and "elapsed" in lines[-1]
+    assert lines and "3/3 files · 3 documents ·" in lines[-1] and "chunks/s" in lines[-1] and "elapsed" in lines[-1]
 
 
 def test_ingest_that_needs_more_than_the_head_has_fails_at_once(tiny_embedder: Path, tmp_path: Path) -> None:
