@@ -298,7 +298,7 @@ def cluster_up(
     verb = "started" if started else "already running"
     out.print(f"local Ray head {verb}: {head.dashboard_url}", highlight=False)
     if summary:
-        out.print(f"  registered {summary['CPU']:g} CPUs, {summary['GPU']:g} GPUs", highlight=False)
+        out.print(f"  registered {_count(summary['CPU'], 'CPU')}, {_count(summary['GPU'], 'GPU')}", highlight=False)
     for note in notes:
         _warn(note)
     out.print(f"  ragops job submit --address {head.dashboard_url} -- ragops ingest ./docs", highlight=False)
@@ -308,6 +308,10 @@ def cluster_up(
         highlight=False,
     )
     out.print(f"  stop it: ragops cluster down --port {head.dashboard_port}", highlight=False)
+
+
+def _count(n: float, unit: str) -> str:
+    return f"{n:g} {unit}" + ("" if n == 1 else "s")
 
 
 def _capacity_notes(address: str) -> tuple[dict[str, Any], list[str]]:
@@ -332,7 +336,8 @@ def _capacity_notes(address: str) -> tuple[dict[str, Any], list[str]]:
             need = sum(d.cpus * d.count for d in demands)
             parts = " + ".join(d.label or d.what for d in demands)
             notes.append(
-                f"{summary['CPU']:g} CPUs are fewer than the default `ragops {command}` asks for ({need:g} CPUs: {parts}). "
+                f"{_count(summary['CPU'], 'CPU')} {'is' if summary['CPU'] == 1 else 'are'} fewer than the default "
+                f"`ragops {command}` asks for ({need:g} CPUs: {parts}). "
                 "Jobs fit built-in defaults to this head; values you set yourself must fit (or restart it with a "
                 "larger --num-cpus)"
             )
