@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -249,31 +249,63 @@ class RunStore:
 
     # -- comparison ----------------------------------------------------------------------
 
-    def compare(self, a: str, b: str) -> dict[str, Any]:
-        """Side-by-side summary of two runs: settings that differ and final metrics.
+    def compare(self, *refs: str) -> dict[str, Any]:
+        """Side-by-side summary of two or more runs: settings that differ and final metrics.
 
         Returns:
-            ``{"runs": [id_a, id_b], "rows": [{"key", "a", "b", "delta"}], "config_diff": [...]}``.
+            ``{"runs": [ids], "rows": [{"key", "values", ...}], "config_diff": [{"key", "values", ...}]}``;
+            with exactly two runs every row also has ``a``, ``b`` and (rows) ``delta`` = B - A.
+
+        Raises:
+            InputError: fewer than two runs, or one named twice.
         """
-        ra, rb = self.get(a), self.get(b)
-        rows = []
-        for key in ("kind", "status", "base_model", "planned_steps", "step", "artifact"):
-            rows.append({"key": key, "a": getattr(ra, key), "b": getattr(rb, key), "delta": None})
-        rows.append({"key": "data.hash", "a": ra.data.get("hash"), "b": rb.data.get("hash"), "delta": None})
-        for key in sorted(set(ra.metrics) | set(rb.metrics)):
-            va, vb = ra.metrics.get(key), rb.metrics.get(key)
-            delta = vb - va if _is_num(va) and _is_num(vb) else None
-            rows.append({"key": key, "a": va, "b": vb, "delta": delta})
+        from ragops.errors import InputError
+
+        if len(refs) < 2:
+            raise InputError("compare needs at least two runs")
+        recs = [self.get(r) for r in refs]
+        ids = [r.run_id for r in recs]
+        if len(set(ids)) != len(ids):
+            raise InputError(f"a run is named twice: {', '.join(refs)}")
+
+        def row(key: str, values: list[Any], delta: bool) -> dict[str, Any]:
+            out: dict[str, Any] = {"key": key, "values": values}
+            if len(values) == 2:
+                out["a"], out["b"] = values
+                if delta:  # B - A of numbers; None for the identity rows
+                    out["delta"] = values[1] - values[0] if all(_is_num(v) for v in values) else None
+            return out
+
+        identity = ("kind", "status", "base_model", "planned_steps", "step", "artifact")
+        rows = [row(key, [getattr(r, key) for r in recs], False) for key in identity]
+        rows.append(row("data.hash", [r.data.get("hash") for r in recs], False))
+        if len(recs) == 2:
+            for r in rows:
+                r["delta"] = None
+        for key in sorted(set().union(*(r.metrics for r in recs))):
+            rows.append(row(key, [r.metrics.get(key) for r in recs], True))
         diff = []
-        fa, fb = _flatten(ra.config), _flatten(rb.config)
-        for key in sorted(set(fa) | set(fb)):
-            if fa.get(key) != fb.get(key):
-                diff.append({"key": key, "a": fa.get(key), "b": fb.get(key)})
-        tags = sorted(set(ra.tags) | set(rb.tags))
-        for key in tags:
-            if ra.tags.get(key) != rb.tags.get(key):
-                diff.append({"key": f"tag.{key}", "a": ra.tags.get(key), "b": rb.tags.get(key)})
-        return {"runs": [ra.run_id, rb.run_id], "rows": rows, "config_diff": diff}
+        flat = [_flatten(r.config) for r in recs]
+        for key in sorted(set().union(*flat)):
+            values = [f.get(key) for f in flat]
+            if any(v != values[0] for v in values):
+                diff.append(row(key, values, False))
+        for key in sorted(set().union(*(r.tags for r in recs))):
+            values = [r.tags.get(key) for r in recs]
+            if any(v != values[0] for v in values):
+                diff.append(row(f"tag.{key}", values, False))
+        return {"runs": ids, "rows": rows, "config_diff": diff}
+
+    def curves(self, run_ids: Sequence[str], metrics: Sequence[str]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+        """``{metric: {run_id: [(step, value), ...]}}`` from the runs' per-step rows."""
+        out: dict[str, dict[str, list[tuple[int, float]]]] = {m: {} for m in metrics}
+        for run_id in run_ids:
+            rows = self.metrics(run_id)
+            for m in metrics:
+                points = sorted({int(r["step"]): float(r[m]) for r in rows if _is_num(r.get(m)) and "step" in r}.items())
+                if points:
+                    out[m][run_id] = points
+        return out
 
 
 def _is_num(v: Any) -> bool:

@@ -5,7 +5,8 @@ Registered by the CLI as ``app.add_typer(runs_app, name="runs")``:
 * ``list [--tag k=v]... [--kind sft|reward]`` — runs, newest last;
 * ``show RUN`` — the record and its per-step metrics (loss, learning rate, tokens/s, eval loss;
   PPO: reward, KL, KL coefficient, entropy);
-* ``compare A B`` — final metrics side by side, with the settings that differ.
+* ``compare RUN RUN... [--plot loss,reward --out runs.png]`` — final metrics side by side,
+  the settings that differ, and curves of per-step metrics as a PNG.
 
 RUN may be a run id, a unique prefix of one, or the artifact name the run published.
 """
@@ -13,6 +14,7 @@ RUN may be a run id, a unique prefix of one, or the artifact name the run publis
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -29,6 +31,7 @@ from ragops.commands.common import (
     parse_tags,
     settings_from,
 )
+from ragops.errors import InputError
 
 runs_app = typer.Typer(help="Training runs: list, show per-step metrics, compare.", no_args_is_help=True)
 
@@ -124,28 +127,46 @@ def runs_show(
 @runs_app.command("compare")
 @handle_errors
 def runs_compare(
-    a: Annotated[str, typer.Argument(help="First run.")],
-    b: Annotated[str, typer.Argument(help="Second run.")],
+    runs: Annotated[list[str], typer.Argument(help="Two or more runs (id, unique prefix, or published artifact).")],
+    plot: Annotated[
+        str | None, typer.Option("--plot", help="Per-step metrics to draw, comma-separated (e.g. loss,eval_loss or reward,kl).")
+    ] = None,
+    out_png: Annotated[Path, typer.Option("--out", help="Where --plot writes its PNG.")] = Path("runs.png"),
     config: ConfigOpt = None,
     set_: SetOpt = None,
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Compare two runs: final metrics side by side (with B - A) and the settings that differ."""
+    """Compare runs: final metrics side by side (with B - A for two), the settings that differ,
+    and with --plot, curves of per-step metrics over steps in one PNG (one panel per metric).
+
+    --json prints {"runs", "rows": [{"key", "values", ...}], "config_diff", "plot"}; with two runs
+    each row also has "a", "b" and "delta".
+    """
     from ragops.runs import RunStore
 
     store = RunStore.from_settings(settings_from(config, set_, data_dir))
-    result = store.compare(a, b)
+    result = store.compare(*runs)
+    if plot is not None:
+        from ragops.run_plots import plot_curves
+
+        metrics = [m.strip() for m in plot.split(",") if m.strip()]
+        if not metrics:
+            raise InputError("--plot: name at least one metric, e.g. --plot loss,eval_loss")
+        result["plot"] = str(plot_curves(store.curves(result["runs"], metrics), out_png, title=" vs ".join(result["runs"])))
     if as_json:
         emit_json(result)
         return
-    ra, rb = result["runs"]
-    table = Table("", ra, rb, "B - A", title="runs compared", title_justify="left")
+    ids = result["runs"]
+    two = len(ids) == 2
+    table = Table("", *ids, *(["B - A"] if two else []), title="runs compared", title_justify="left")
     for row in result["rows"]:
-        table.add_row(row["key"], _cell(row["a"]), _cell(row["b"]), _cell(row["delta"]))
+        table.add_row(row["key"], *[_cell(v) for v in row["values"]], *([_cell(row["delta"])] if two else []))
     out.print(table)
     if result["config_diff"]:
-        diff = Table("setting", ra, rb, title="settings that differ", title_justify="left")
+        diff = Table("setting", *ids, title="settings that differ", title_justify="left")
         for row in result["config_diff"]:
-            diff.add_row(row["key"], _cell(row["a"]), _cell(row["b"]))
+            diff.add_row(row["key"], *[_cell(v) for v in row["values"]])
         out.print(diff)
+    if result.get("plot"):
+        out.print(f"plot: {result['plot']}", highlight=False)

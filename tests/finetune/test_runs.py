@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -72,3 +73,45 @@ def test_compare(tmp_path: Path) -> None:
     rows = {r["key"]: r for r in out["rows"]}
     assert rows["eval_loss"]["delta"] == pytest.approx(-0.5) and rows["train_loss"]["b"] is None
     assert {d["key"] for d in out["config_diff"]} == {"sft.learning_rate", "tag.exp"}
+
+
+def test_compare_three_runs_and_their_curves(tmp_path: Path) -> None:
+    store = RunStore(tmp_path / "runs")
+    recs = [store.create("sft", config={"sft": {"learning_rate": lr}}) for lr in (0.1, 0.1, 0.3)]
+    for i, rec in enumerate(recs):
+        store.update(rec.run_id, metrics={"eval_loss": 2.0 - i})
+        store.append_metrics(rec.run_id, [{"step": s, "loss": 3.0 - 0.1 * s * (i + 1)} for s in range(1, 6)])
+    out = store.compare(*(r.run_id for r in recs))
+    rows = {r["key"]: r for r in out["rows"]}
+    assert rows["eval_loss"]["values"] == [2.0, 1.0, 0.0] and "delta" not in rows["eval_loss"]
+    assert [d["key"] for d in out["config_diff"]] == ["sft.learning_rate"]
+    assert out["config_diff"][0]["values"] == [0.1, 0.1, 0.3]
+    curves = store.curves(out["runs"], ["loss", "reward"])
+    assert curves["reward"] == {} and curves["loss"][recs[2].run_id][-1] == (5, pytest.approx(1.5))
+    with pytest.raises(InputError, match="at least two"):
+        store.compare(recs[0].run_id)
+    with pytest.raises(InputError, match="named twice"):
+        store.compare(recs[0].run_id, recs[0].run_id)
+
+
+def test_runs_compare_plots_a_png(tmp_path: Path) -> None:
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from ragops.commands.runs import runs_app
+
+    home = tmp_path / "home"
+    store = RunStore(home / "runs")
+    ids = []
+    for i in range(2):
+        rec = store.create("ppo", config={"ppo": {"kl_coef": 0.1 * (i + 1)}})
+        store.append_metrics(rec.run_id, [{"step": s, "reward": 0.1 * s + i, "kl": 0.01 * s} for s in range(1, 9)])
+        ids.append(rec.run_id)
+    png = tmp_path / "out" / "runs.png"
+    r = CliRunner().invoke(runs_app, ["compare", *ids, "--plot", "reward,kl", "--out", str(png), "--data-dir", str(home), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["plot"] == str(png)
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.size == (1280, 360)  # two panels side by side at 100 dpi
+    missing = CliRunner().invoke(runs_app, ["compare", *ids, "--plot", "eval_loss", "--out", str(png), "--data-dir", str(home)])
+    assert missing.exit_code == 2 and "per-step values for eval_loss" in missing.output
