@@ -134,9 +134,12 @@ class Watchdog:
 
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
         previous = self._previous
-        if not self.fired and callable(previous):
-            previous(signum, frame)  # a real Ctrl-C: whatever handled it before
-            return
+        if not self.fired:  # a real Ctrl-C: whatever handled it before
+            if callable(previous):
+                previous(signum, frame)
+                return
+            if previous == signal.SIG_IGN:
+                return
         raise KeyboardInterrupt
 
     def _watch(self) -> None:
