@@ -302,7 +302,7 @@ def _execute(
         resume_hint: The command that continues a failed run (for the error message).
         publish_config: Extra lineage recorded in the artifact's config.
     """
-    from ragops.finetune.runner import Scaling, run_local, run_on_ray
+    from ragops.finetune.runner import Scaling
 
     ft = settings.finetune
     data_hash = data_info["hash"]
@@ -338,6 +338,54 @@ def _execute(
             tags=dict(tags or {}),
             parent=parent,
         )
+    from ragops.tracking.mlflow_tracker import MlflowTracker
+
+    tracker = MlflowTracker.from_settings(settings)
+    if tracker is not None:
+        mlflow_id = tracker.start_run(rec, settings)
+        if mlflow_id and mlflow_id != rec.mlflow_run_id:
+            rec = store.update(rec.run_id, mlflow_run_id=mlflow_id)
+    try:
+        return _train_tracked(
+            settings, kind, store, rec, resumed=resumed, init_checkpoint=init_checkpoint, scaling=scaling,
+            tracker=tracker, base_name=base_name, data_info=data_info, loop=loop, loop_config=loop_config,
+            progress=progress, emit=emit, fault=fault, task=task, resume_hint=resume_hint,
+            publish_config=publish_config, parent=parent,
+        )  # fmt: skip
+    finally:
+        if tracker is not None:
+            final = store.get(rec.run_id)
+            tracker.end_run("failed" if final.status == "running" else final.status, error=final.error)
+            tracker.close()
+
+
+def _train_tracked(
+    settings: Settings,
+    kind: str,
+    store: RunStore,
+    rec: RunRecord,
+    *,
+    resumed: bool,
+    init_checkpoint: str | None,
+    scaling: Any,
+    tracker: Any,
+    base_name: str,
+    data_info: dict[str, Any],
+    loop: Callable[[dict[str, Any], Any], None],
+    loop_config: dict[str, Any],
+    progress: Progress | None,
+    emit: Callable[[str, dict[str, Any]], None],
+    fault: Mapping[str, Any] | None,
+    task: str,
+    resume_hint: str,
+    publish_config: Mapping[str, Any] | None,
+    parent: str | None,
+) -> TrainResult:
+    """The part of :func:`_execute` after the run record exists: train, publish, finish the record."""
+    from ragops.finetune.runner import run_local, run_on_ray
+
+    ft = settings.finetune
+    data_hash = data_info["hash"]
     emit("run", {"run_id": rec.run_id, "resumed": resumed, "run_dir": store.run_uri(rec.run_id), "init_checkpoint": init_checkpoint})
 
     loop_config = {
@@ -353,11 +401,13 @@ def _execute(
 
     def on_row(row: dict[str, Any]) -> None:
         dog.beat()  # a metrics row is a training step (or an eval) that finished
+        if tracker is not None:
+            tracker.log_rows([row])
         last.update(row)
         if progress:
             progress(row)
 
-    tail = _Tail(store, rec.run_id, on_row) if progress or dog.timeout_s else None
+    tail = _Tail(store, rec.run_id, on_row) if progress or dog.timeout_s or tracker else None
     if tail:
         tail.start()
     try:
@@ -423,4 +473,7 @@ def _execute(
         step=final_step, planned_steps=int(metrics.get("planned_steps") or rec.planned_steps or final_step), error=None,
     )  # fmt: skip
     store.write_parquet(rec.run_id)
+    if tracker is not None:
+        tracker.log_rows([{**metrics, "step": final_step}])  # the final metrics, at the last step
+        tracker.log_artifact(artifact, registry.storage.uri("artifacts", artifact.name), registry.aliases_of(artifact.name))
     return TrainResult(run=rec, artifact=artifact, resumed=resumed, data=data_info, aliases=registry.aliases_of(artifact.name))

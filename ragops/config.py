@@ -223,6 +223,27 @@ class RayConfig(StrictModel):
     nodes: int = Field(1, ge=1, description="Nodes the job expects (a multi-node cluster needs a Qdrant server).")
 
 
+class TrackingConfig(StrictModel):
+    """Experiment tracking in MLflow (off unless ``mlflow_uri`` is set); ragops' own run records are always written."""
+
+    mlflow_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI: sqlite:///path.db, http(s)://server, databricks, file:./mlruns, or a folder.",
+    )
+    experiment: str = Field("ragops", min_length=1, description="MLflow experiment the runs go to.")
+    register_models: bool = Field(True, description="Register each published artifact as a model version and mirror aliases.")
+    timeout_s: float = Field(10.0, gt=0, description="HTTP timeout per MLflow request (a slow server never stalls training).")
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from ragops.tracking.uri import check_tracking_uri
+
+        return check_tracking_uri(value)
+
+
 class RuntimeConfig(StrictModel):
     """How long-running commands behave: admission, stall detection, progress output."""
 
@@ -270,6 +291,7 @@ class Settings(StrictModel):
     ray: RayConfig = Field(default_factory=RayConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     _explicit: frozenset[str] = PrivateAttr(default_factory=frozenset)
 

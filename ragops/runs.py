@@ -57,6 +57,7 @@ class RunRecord:
         restarts: Worker-group restarts after failures (Ray Train FailureConfig).
         error: Last error message of a failed run.
         pid, host: The driver process, to tell a live run from an abandoned one.
+        mlflow_run_id: The run's mirror in MLflow (``tracking.mlflow_uri``), reopened on resume.
     """
 
     run_id: str
@@ -81,6 +82,7 @@ class RunRecord:
     error: str | None = None
     pid: int | None = None
     host: str | None = None
+    mlflow_run_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -136,6 +136,16 @@ def _kv_table(data: dict[str, Any], title: str) -> Table:
     return table
 
 
+def _mirror_alias(settings: Any, registry: Any, alias: str) -> None:
+    """Move the alias in MLflow's model registry too, when ``tracking.mlflow_uri`` is set (warns, never fails)."""
+    from ragops.tracking.mlflow_tracker import MlflowTracker
+
+    tracker = MlflowTracker.from_settings(settings)
+    if tracker is not None:
+        tracker.mirror_alias(registry, alias)
+        tracker.close()
+
+
 @models_app.command("promote")
 @handle_errors
 def models_promote(
@@ -160,8 +170,10 @@ def models_promote(
     """
     from ragops.artifacts import Registry
 
-    registry = Registry.from_settings(settings_from(config, set_, data_dir))
+    settings = settings_from(config, set_, data_dir)
+    registry = Registry.from_settings(settings)
     result = registry.promote(name, alias, require_metric=require_metric, baseline=baseline)
+    _mirror_alias(settings, registry, alias)
     data = {"alias": result.alias, "target": result.name, "previous": result.previous, "gate": result.gate}
     if as_json:
         emit_json(data)
@@ -184,8 +196,10 @@ def models_rollback(
     """Move ALIAS back to the artifact it pointed at before its last promotion or publish."""
     from ragops.artifacts import Registry
 
-    registry = Registry.from_settings(settings_from(config, set_, data_dir))
+    settings = settings_from(config, set_, data_dir)
+    registry = Registry.from_settings(settings)
     result = registry.rollback(alias)
+    _mirror_alias(settings, registry, alias)
     if as_json:
         emit_json({"alias": result.alias, "target": result.name, "previous": result.previous})
         return

@@ -1,0 +1,1 @@
+"""Feeding ragops' runs and registry into the tools teams already run (MLflow)."""
