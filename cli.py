@@ -381,6 +381,9 @@ def eval_retrieval(
     settings = settings_from(config, set_, data_dir)
     with Retriever(settings, collection=collection) as retriever:
         report = evaluate_retrieval(retriever, queries, qrels, k=k, modes=modes)
+    from ragops.tracking.mlflow_tracker import log_eval_run
+
+    log_eval_run(settings, "eval-retrieval", report["modes"], params={"queries": queries, "qrels": qrels, "k": k, "modes": list(modes)})
     if as_json:
         emit_json(report)
         return
@@ -447,6 +450,7 @@ def eval_answers(
                                 collection=collection)  # fmt: skip
         report["model"] = label
         report["recorded_on"] = _record_eval(run_settings, ref, report)
+        _track_answers(run_settings, report, data=data, k=k, reader=reader)
         reports.append(report)
     after = reports[-1]
     if as_json:
@@ -485,6 +489,15 @@ def _answer_report(settings: Any, data: str, *, label: str, collection: str | No
         task = bar.add_task(f"answering ({label})", total=None)
         return evaluate_answers(rag, data, max_new_tokens=max_tokens,
                                 progress=lambda d, t: bar.update(task, completed=d, total=t), **ask)  # fmt: skip
+
+
+def _track_answers(settings: Any, report: dict[str, Any], **params: Any) -> None:
+    """One MLflow run per evaluated model, when ``tracking.mlflow_uri`` is set."""
+    from ragops.tracking.mlflow_tracker import log_eval_run
+
+    metrics = {k: report[k] for k in ANSWER_METRICS if report.get(k) is not None}
+    tags = {"ragops.model": str(report["model"]), **({"ragops.artifact": report["recorded_on"]} if report.get("recorded_on") else {})}
+    log_eval_run(settings, "eval-answers", metrics, params={**params, "model": report["model"]}, tags=tags)
 
 
 def _delta(before: float | None, after: float | None) -> float | None:

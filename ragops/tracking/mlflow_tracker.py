@@ -293,3 +293,48 @@ class MlflowTracker:
     def _mirror(self, artifact: Artifact, source_uri: str, alias: str) -> None:
         self._register(artifact, source_uri)
         self._set_alias(artifact, alias)
+
+
+def log_eval_run(settings: Settings, kind: str, metrics: Mapping[str, Any], *, params: Mapping[str, Any] | None = None,
+                 tags: Mapping[str, str] | None = None) -> str | None:  # fmt: skip
+    """Record one evaluation (``eval-retrieval``, ``eval-answers``) as a finished MLflow run, when tracking is on.
+
+    ``metrics`` may nest (``{"hybrid": {"ndcg@10": ...}}`` becomes ``hybrid.ndcg@10``); non-numeric
+    values are dropped. Returns the MLflow run id (None when tracking is off or MLflow failed).
+    """
+    tracker = MlflowTracker.from_settings(settings)
+    if tracker is None:
+        return None
+    try:
+        from mlflow.entities import Metric, Param, RunTag
+
+        exp = tracker.client.get_experiment_by_name(tracker.experiment)
+        exp_id = exp.experiment_id if exp else tracker.client.create_experiment(tracker.experiment)
+        run = tracker.client.create_run(exp_id, tags={"ragops.kind": kind, **dict(tags or {})}, run_name=kind)
+        now = int(time.time() * 1000)
+        values = _numbers(metrics)
+        items = sorted(flatten({"settings": settings.model_dump(mode="json"), "eval": dict(params or {})}).items())
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            tracker.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[i : i + MAX_PARAMS_PER_BATCH]])
+        tracker.client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in values.items()],
+                                 tags=[RunTag("ragops.version", str(__import__("ragops").__version__))])  # fmt: skip
+        tracker.client.set_terminated(run.info.run_id, status="FINISHED")
+        return run.info.run_id
+    except Exception as exc:  # an evaluation's result is printed either way
+        tracker._fail(exc)
+        return None
+    finally:
+        tracker.close(timeout_s=1)
+
+
+
+def _numbers(data: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Nested numeric values as MLflow metric names (``@`` is not allowed there: ``ndcg@10`` → ``ndcg_at_10``)."""
+    out: dict[str, float] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}".replace("@", "_at_")
+        if isinstance(value, Mapping):
+            out.update(_numbers(value, f"{name}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from ragops.errors import ConfigError
 from tests.finetune.conftest import metrics_by_step
 
 mlflow = pytest.importorskip("mlflow")
@@ -79,20 +78,3 @@ def test_an_unreachable_server_warns_once_and_training_goes_on(
     err = capfd.readouterr().err
     assert err.count("MLflow at http://127.0.0.1") == 1, err
 
-
-@pytest.mark.parametrize(
-    ("uri", "message"),
-    [("ftp://host/x", "unknown MLflow tracking URI scheme 'ftp'"), ("http://", "has no host")],
-)
-def test_a_bad_tracking_uri_is_one_clear_error_at_start_up(tmp_path: Path, uri: str, message: str) -> None:
-    from ragops.config import load_settings
-
-    with pytest.raises(ConfigError, match=message):
-        load_settings([], [f"tracking.mlflow_uri={uri}"], data_dir=tmp_path, environ={})
-
-
-def test_a_folder_is_a_file_store(tmp_path: Path) -> None:
-    from ragops.config import load_settings
-
-    s = load_settings([], [f"tracking.mlflow_uri={tmp_path / 'mlruns'}"], data_dir=tmp_path, environ={})
-    assert s.tracking.mlflow_uri == (tmp_path / "mlruns").as_uri()
