@@ -3,13 +3,14 @@
 The same in-process SFT run (``finetune.runner=local``, the real default model, LoRA r=16,
 the RAG examples of ``benchmarks/train.py``) is trained alternately without and with
 ``tracking.mlflow_uri`` (a sqlite store in a temporary folder), ``--repeats`` times each, in
-one process and one data dir (so the base model is materialized once). Step times are the
+one process and one data dir, after one discarded warm-up run (which materializes the base
+model). Step times are the
 ``step_time_s`` ragops records per step (steps 3+, warm-up excluded); the ratio of the medians
 is what the issue bounds (≤ 1.02).
 
 Usage::
 
-    python benchmarks/tracking.py [--steps 12] [--repeats 2] [--json]
+    python benchmarks/tracking.py [--steps 12] [--repeats 3] [--json]
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--examples", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,6 +63,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         home, data = Path(tmp) / "home", write_data(Path(tmp) / "sft.jsonl", args.examples)
         uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
+        # One untracked warm-up run, discarded: it materializes the base model and warms caches.
+        print(json.dumps({"warmup": run(home, data, args, None)}), file=sys.stderr)
         results = []
         for i in range(args.repeats * 2):
             res = run(home, data, args, uri if i % 2 else None)

@@ -31,6 +31,7 @@ from ragops.artifacts import Artifact, Registry, utc_now
 from ragops.config import Settings
 from ragops.errors import InputError, RagopsError
 from ragops.runs import RunRecord, RunStore
+from ragops.tracking import telemetry
 from ragops.watchdog import Stalled, Watchdog
 
 log = logging.getLogger(__name__)
@@ -345,13 +346,18 @@ def _execute(
         mlflow_id = tracker.start_run(rec, settings)
         if mlflow_id and mlflow_id != rec.mlflow_run_id:
             rec = store.update(rec.run_id, mlflow_run_id=mlflow_id)
+    attrs = {"ragops.run_id": rec.run_id, "ragops.kind": kind, "ragops.base_model": base_name, "ragops.runner": ft.runner,
+             "ragops.workers": ft.workers, "ragops.resumed": resumed, "ragops.data_hash": data_hash}  # fmt: skip
     try:
-        return _train_tracked(
-            settings, kind, store, rec, resumed=resumed, init_checkpoint=init_checkpoint, scaling=scaling,
-            tracker=tracker, base_name=base_name, data_info=data_info, loop=loop, loop_config=loop_config,
-            progress=progress, emit=emit, fault=fault, task=task, resume_hint=resume_hint,
-            publish_config=publish_config, parent=parent,
-        )  # fmt: skip
+        with telemetry.span(f"train.{kind}", attrs) as root:
+            result = _train_tracked(
+                settings, kind, store, rec, resumed=resumed, init_checkpoint=init_checkpoint, scaling=scaling,
+                tracker=tracker, base_name=base_name, data_info=data_info, loop=loop, loop_config=loop_config,
+                progress=progress, emit=emit, fault=fault, task=task, resume_hint=resume_hint,
+                publish_config=publish_config, parent=parent,
+            )  # fmt: skip
+            root.set_attributes({"ragops.artifact": result.artifact.name, "ragops.step": result.run.step})
+            return result
     finally:
         if tracker is not None:
             final = store.get(rec.run_id)
@@ -411,7 +417,7 @@ def _train_tracked(
     if tail:
         tail.start()
     try:
-        with dog:
+        with dog, telemetry.span("train.fit", {"ragops.runner": ft.runner, "ragops.init_checkpoint": init_checkpoint}):
             if ft.runner == "local":
                 outcome = run_local(
                     loop, loop_config, store, rec.run_id, num_to_keep=ft.num_to_keep,
@@ -445,10 +451,22 @@ def _train_tracked(
         if tail:
             tail.stop()
 
-    from ragops.finetune.session import ARTIFACT_DIR, scratch_root
+    from ragops.finetune.session import scratch_root
 
     # Scratch folders of workers on this node (those of killed attempts included).
     shutil.rmtree(scratch_root(rec.run_id), ignore_errors=True)
+
+    with telemetry.span("train.publish"):
+        return _publish(settings, kind, store, rec, outcome, tracker=tracker, base_name=base_name, data_hash=data_hash,
+                        task=task, parent=parent, publish_config=publish_config, emit=emit, resumed=resumed,
+                        data_info=data_info)  # fmt: skip
+
+
+def _publish(settings: Settings, kind: str, store: RunStore, rec: RunRecord, outcome: Any, *, tracker: Any,
+             base_name: str, data_hash: str, task: str, parent: str | None, publish_config: Mapping[str, Any] | None,
+             emit: Callable[[str, dict[str, Any]], None], resumed: bool, data_info: dict[str, Any]) -> TrainResult:  # fmt: skip
+    """Publish the finished run's artifact, finish its record, and mirror both to MLflow."""
+    from ragops.finetune.session import ARTIFACT_DIR
 
     metrics = outcome.metrics or {}
     metrics = {k: v for k, v in metrics.items() if k != "_type"}

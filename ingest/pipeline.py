@@ -41,6 +41,7 @@ from ragops.model_registry import resolve_model
 from ragops.vectorstore import open_store
 from ragops.watchdog import Watchdog
 from ragops.vectorstore.base import CollectionSpec, VectorStore
+from ragops.tracking import telemetry
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +283,19 @@ def run_ingest(
     roots = list(roots or settings.ingest.sources)
     if not roots:
         raise InputError("nothing to ingest: name paths or URIs (ragops ingest ./docs), or set ingest.sources in the config")
+    attrs = {"ragops.runner": settings.ingest.runner, "ragops.embedder": settings.embedder.model, "ragops.roots": len(roots)}
+    with telemetry.span("ingest", attrs) as root:
+        report = _run_ingest(settings, roots, collection, prune, progress)
+        root.set_attributes(telemetry.clean_attributes({
+            "ragops.collection": report.collection, "ragops.files": report.files, "ragops.documents": report.documents,
+            "ragops.chunks": report.chunks, "ragops.points_written": report.points_written,
+            "ragops.failed": len(report.failed), "ragops.run_id": report.run_id,
+        }))  # fmt: skip
+    return report
+
+
+def _run_ingest(settings: Settings, roots: list[str], collection: str | None, prune: bool,
+                progress: ProgressFn | None) -> IngestReport:  # fmt: skip
     started = time.perf_counter()
     timings: dict[str, float] = {}
     with _timed(timings, "discover"):
@@ -314,21 +328,24 @@ def run_ingest(
         )  # fmt: skip
         if files:
             batches = iter(_run_stages(settings, stage, files))  # Ray starts and admits the stages here
-            with dog:
+            # One span for the stream: load, chunk and embed overlap with the writes, batch by batch.
+            with dog, telemetry.span("ingest.stream", {"ragops.files": len(files)}) as stream_span:
                 while True:
-                    with _timed(timings, "pipeline"):  # waiting for the stream's next batch
+                    with _timed(timings, "pipeline", span=False):  # waiting for the stream's next batch
                         batch = next(batches, None)
                     if batch is None:
                         break
                     dog.beat()
                     _account(batch, report, seen_docs, failed_sources, files_done)
-                    with _timed(timings, "write"):
+                    with _timed(timings, "write", span=False):
                         report.chunks += sink.write_batch(batch)
                     if progress:
                         progress({"files_done": len(files_done), "files": len(files), "documents": report.documents,
                                   "chunks": report.chunks, "points": sink.points_written,
                                   "elapsed": time.perf_counter() - started})  # fmt: skip
-        with _timed(timings, "write"):
+                stream_span.set_attributes({"ragops.wait_s": timings["pipeline"], "ragops.write_s": timings["write"],
+                                            "ragops.chunks": report.chunks})  # fmt: skip
+        with _timed(timings, "write", name="flush"):
             report.incomplete = sink.close()
         report.points_written = sink.points_written
         optimize = getattr(store, "optimize", None)
@@ -350,11 +367,15 @@ def run_ingest(
 
 
 @contextmanager
-def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
-    """Add the block's wall time to ``timings[phase]``."""
+def _timed(timings: dict[str, float], phase: str, *, span: bool = True, name: str | None = None) -> Iterator[None]:
+    """Add the block's wall time to ``timings[phase]``; with ``span``, trace it as ``ingest.<name or phase>``."""
     t = time.perf_counter()
     try:
-        yield
+        if span:
+            with telemetry.span(f"ingest.{name or phase}"):
+                yield
+        else:
+            yield
     finally:
         timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - t
 

@@ -244,6 +244,41 @@ class TrackingConfig(StrictModel):
         return check_tracking_uri(value)
 
 
+class TelemetryConfig(StrictModel):
+    """OpenTelemetry traces (off unless ``otlp_endpoint`` is set or ``console`` is on).
+
+    Every CLI command and Serve replica that traces exports its own spans; a served request is
+    one trace across the deployments (the context travels with each handle call).
+    """
+
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP (protobuf) collector, e.g. http://otel-collector:4318 (/v1/traces is added when "
+        "the URL has no path). gRPC collectors listen on 4318 for HTTP too.",
+    )
+    console: bool = Field(False, description="Also print finished spans as JSON on stdout (for debugging).")
+    service_name: str = Field("ragops", min_length=1, description="service.name of the spans; each replica adds its deployment.")
+    sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="Share of new traces recorded; a caller's sampled traceparent is always followed."
+    )
+    export_delay_s: float = Field(2.0, gt=0, description="Seconds spans wait in the batch before export.")
+    headers: dict[str, str] = Field(default_factory=dict, description="Extra HTTP headers for the collector (e.g. auth).")
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _is_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from ragops.tracking.telemetry import check_otlp_endpoint
+
+        return check_otlp_endpoint(value)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any span is exported."""
+        return bool(self.otlp_endpoint) or self.console
+
+
 class RuntimeConfig(StrictModel):
     """How long-running commands behave: admission, stall detection, progress output."""
 
@@ -292,6 +327,7 @@ class Settings(StrictModel):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
     _explicit: frozenset[str] = PrivateAttr(default_factory=frozenset)
 

@@ -28,6 +28,7 @@ from ragops.config import Settings
 from ragops.errors import CollectionError, InputError
 from ragops.retrieval.encoder import EncodedQuery, QueryEncoder
 from ragops.retrieval.rerank import Reranker
+from ragops.tracking import telemetry
 from ragops.vectorstore.base import CollectionSpec, Filter, Hit, Match, SearchRequest, VectorStore
 
 log = logging.getLogger(__name__)
@@ -541,7 +542,8 @@ class Retriever:
             )
 
         t0 = time.perf_counter()
-        encoded = self.encoder.encode_batch(queries, with_dense=mode != "sparse")
+        with telemetry.span("retrieval.encode", {"ragops.queries": len(queries), "ragops.dense": mode != "sparse"}):
+            encoded = self.encoder.encode_batch(queries, with_dense=mode != "sparse")
         if mode != "sparse" and encoded:
             assert encoded[0].dense is not None
             self._check_dim(int(encoded[0].dense.shape[-1]))
@@ -549,20 +551,34 @@ class Retriever:
 
         t0 = time.perf_counter()
         fetch = max(k, self.settings.retrieval.rerank.candidates) if use_rerank else k
-        try:
-            flt = build_filter(flt_spec, store)
-        except NothingMatches:
-            hit_lists: list[list[SearchHit]] = [[] for _ in encoded]
-        else:
-            requests = [self._request(q, fetch, mode, fusion, flt, threshold) for q in encoded]
-            raw = [store.search(requests[0])] if len(requests) == 1 else store.search_batch(requests)
-            hit_lists = [[SearchHit.from_store_hit(h, i) for i, h in enumerate(hs, start=1)] for hs in raw]
+        # Hybrid search is one engine call: Qdrant runs the dense and the BM25 branch as
+        # prefetches and fuses them inside the query, so their times cannot be told apart from
+        # here; the span says which branches and which fusion ran instead of inventing timings.
+        query_attrs = {
+            "ragops.retrieval.mode": mode,
+            "ragops.retrieval.branches": {"hybrid": "dense,sparse"}.get(mode, mode),
+            "ragops.retrieval.fusion": fusion if mode == "hybrid" else None,
+            "ragops.retrieval.prefetch": self.settings.retrieval.prefetch if mode == "hybrid" else None,
+            "ragops.retrieval.k": fetch,
+            "db.system.name": "qdrant",
+        }
+        with telemetry.span("retrieval.query", query_attrs) as query_span:
+            try:
+                flt = build_filter(flt_spec, store)
+            except NothingMatches:
+                hit_lists: list[list[SearchHit]] = [[] for _ in encoded]
+            else:
+                requests = [self._request(q, fetch, mode, fusion, flt, threshold) for q in encoded]
+                raw = [store.search(requests[0])] if len(requests) == 1 else store.search_batch(requests)
+                hit_lists = [[SearchHit.from_store_hit(h, i) for i, h in enumerate(hs, start=1)] for hs in raw]
+            query_span.set_attribute("ragops.retrieval.hits", sum(len(h) for h in hit_lists))
         timings["search_s"] = time.perf_counter() - t0
 
         if use_rerank:
             assert self.reranker is not None
             t0 = time.perf_counter()
-            hit_lists = self.reranker.rerank_batch(list(queries), hit_lists, top_k=k)
+            with telemetry.span("rerank", {"ragops.candidates": sum(len(h) for h in hit_lists), "ragops.k": k}):
+                hit_lists = self.reranker.rerank_batch(list(queries), hit_lists, top_k=k)
             timings["rerank_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - started
         return [

@@ -21,6 +21,7 @@ from typing import Any
 from ragops.config import RetrievalConfig
 from ragops.serve.errors import APIError, from_ragops_error, overloaded, timed_out
 from ragops.serve.metrics import ServeMetrics
+from ragops.tracking import telemetry
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,18 @@ async def until_assigned(response: Any, stream: bool = False) -> None:
         await (response._to_object_ref_gen() if stream else response._to_object_ref())
     else:
         await response._fetch_future_result_async()
+
+
+@contextmanager
+def _ending(span: Any):  # type: ignore[no-untyped-def]
+    """End ``span`` when the block ends; an exception (not a cancellation) is recorded on it."""
+    try:
+        yield
+    except Exception as exc:
+        telemetry.record_error(span, exc)
+        raise
+    finally:
+        span.end()
 
 
 class Downstream:
@@ -124,8 +137,24 @@ class Downstream:
             await until_assigned(response)
         return await response
 
+    def _span(self, method: str, model_id: str | None) -> Any:
+        attrs = {"ragops.deployment": self.name, "rpc.method": method, "ragops.model_id": model_id or None}
+        return telemetry.start_span(f"{self.name}.{method}", attrs, kind=telemetry.SpanKind.CLIENT)
+
+    @staticmethod
+    def _traced(kwargs: dict[str, Any], span: Any) -> dict[str, Any]:
+        # The replica opens its span under this one (see ragops.tracking.telemetry).
+        carrier = telemetry.inject(span)
+        return {**kwargs, "trace_context": carrier} if carrier else kwargs
+
     async def call(self, method: str, *args: Any, deadline: Deadline, model_id: str | None = None, **kwargs: Any) -> Any:
-        """Call ``method`` and await its result within the deadline."""
+        """Call ``method`` and await its result within the deadline (one CLIENT span)."""
+        span = self._span(method, model_id)
+        with _ending(span):
+            return await self._call(method, args, self._traced(kwargs, span), deadline, model_id)
+
+    async def _call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], deadline: Deadline,
+                    model_id: str | None) -> Any:  # fmt: skip
         response = self._method(method, model_id).remote(*args, **kwargs)
         with self._inflight():
             try:
@@ -144,9 +173,10 @@ class Downstream:
 
     async def stream(self, method: str, *args: Any, deadline: Deadline, model_id: str | None = None,
                      **kwargs: Any) -> AsyncIterator[Any]:  # fmt: skip
-        """Iterate a streaming method's items, each within the deadline."""
-        gen = self._method(method, model_id, stream=True).remote(*args, **kwargs)
-        with self._inflight():
+        """Iterate a streaming method's items, each within the deadline (one CLIENT span)."""
+        span = self._span(method, model_id)
+        gen = self._method(method, model_id, stream=True).remote(*args, **self._traced(kwargs, span))
+        with self._inflight(), _ending(span):
             try:
                 with self._queued():
                     await asyncio.wait_for(until_assigned(gen, stream=True), deadline.remaining())

@@ -17,6 +17,7 @@ from ragops.embeddings import TextEmbedder
 from ragops.errors import InputError
 from ragops.retrieval.encoder import EncodedQuery, QueryEncoder
 from ragops.serve.replica import replica_settings
+from ragops.tracking import telemetry
 
 
 @serve.deployment(name="QueryEmbedder")
@@ -44,9 +45,10 @@ class QueryEmbedder:
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def encode_query(self, query: str) -> EncodedQuery:
+    async def encode_query(self, query: str, trace_context: dict[str, str] | None = None) -> EncodedQuery:
         """Dense + BM25 vectors of one query (batched with concurrent calls)."""
-        result = await self._encode_batch(query)
+        with telemetry.span("embed.query", {"ragops.query_chars": len(query)}, carrier=trace_context, kind=telemetry.SpanKind.SERVER):
+            result = await self._encode_batch(query)
         if isinstance(result, Exception):
             raise result
         return result
@@ -65,9 +67,11 @@ class QueryEmbedder:
                     out.append(exc)
             return out
 
-    async def embed(self, texts: list[str], input_type: str = "passage") -> dict[str, Any]:
+    async def embed(self, texts: list[str], input_type: str = "passage", trace_context: dict[str, str] | None = None) -> dict[str, Any]:
         """Vectors for /v1/embeddings: ``{"vectors": [[float]], "tokens": int}``."""
-        return await self._run(self._embed, texts, input_type)
+        attrs = {"ragops.inputs": len(texts), "ragops.input_type": input_type}
+        with telemetry.span("embed.texts", attrs, carrier=trace_context, kind=telemetry.SpanKind.SERVER):
+            return await self._run(self._embed, texts, input_type)
 
     def _embed(self, texts: list[str], input_type: str) -> dict[str, Any]:
         if input_type == "query":

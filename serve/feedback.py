@@ -156,5 +156,7 @@ class FeedbackStore:
             "preferred_answer": preferred_answer,
             "created": int(time.time()),
         }
+        if req.get("trace_id"):
+            record["trace_id"] = req["trace_id"]  # the answer's trace (telemetry on)
         append_jsonl(self.feedback_path, record)
         return record

@@ -34,6 +34,8 @@ from ragops.serve.answering import AnswerRequest, answer_batch, answer_dict, err
 from ragops.serve.models import BASE, ModelCatalog
 from ragops.serve.replica import replica_settings
 from ragops.serve.scheduler import BatchScheduler
+from ragops.serve.tracing import record_generation
+from ragops.tracking import telemetry
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +90,16 @@ class GeneratorDeployment:
         while self._hold_file is not None and self._hold_file.exists():
             await asyncio.sleep(0.05)
 
-    async def answer(self, request: AnswerRequest) -> dict[str, Any]:
+    async def answer(self, request: AnswerRequest, trace_context: dict[str, str] | None = None) -> dict[str, Any]:
         """A whole answer (``Answer.to_dict(with_passages=True)``) or ``{"error": ...}``; batched."""
-        await self._hold()
-        result = await self._answer_batch(request)
-        return await result  # the scheduler's future for this request
+        model = serve.get_multiplexed_model_id() or self.settings.generator.model
+        with telemetry.span("generator.answer", {"gen_ai.request.model": model}, carrier=trace_context,
+                            kind=telemetry.SpanKind.SERVER) as current:  # fmt: skip
+            await self._hold()
+            result = await self._answer_batch(request)
+            answer = await result  # the scheduler's future for this request
+            record_generation(answer, model, current)
+            return answer
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _answer_batch(self, requests: list[AnswerRequest]) -> list[asyncio.Future]:
@@ -107,8 +114,24 @@ class GeneratorDeployment:
             return [error_dict(exc)] * len(requests)
         return await self._run(answer_batch, gen, self.settings, requests)
 
-    async def answer_stream(self, request: AnswerRequest) -> AsyncIterator[dict[str, Any]]:
+    async def answer_stream(self, request: AnswerRequest, trace_context: dict[str, str] | None = None,
+                            ) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
         """``{"delta": text}`` items, then ``{"final": answer}``; ``{"error": ...}`` instead on failure."""
+        model = serve.get_multiplexed_model_id() or self.settings.generator.model
+        # Ended by hand: an async generator's steps do not share one context to restore.
+        span = telemetry.start_span("generator.answer_stream", {"gen_ai.request.model": model}, carrier=trace_context,
+                                    kind=telemetry.SpanKind.SERVER)  # fmt: skip
+        try:
+            async for item in self._answer_stream(request):
+                if "final" in item:
+                    record_generation(item["final"], model, span)
+                elif "error" in item:
+                    span.set_attribute("ragops.error", str(item["error"].get("message", ""))[:500])
+                yield item
+        finally:
+            span.end()
+
+    async def _answer_stream(self, request: AnswerRequest) -> AsyncIterator[dict[str, Any]]:
         await self._hold()
         try:
             gen = await self._generator()

@@ -45,33 +45,29 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ragops.config import Settings
 from ragops.errors import InputError, ModelNotFoundError
 from ragops.retrieval.search import SearchFilters
 from ragops.retrieval.rag import reader_name
 from ragops.serve import openai_format as fmt
+from ragops.tracking import telemetry
 from ragops.serve.answering import AnswerRequest
-from ragops.serve.auth import ApiKeys, Role, authorize
+from ragops.serve.auth import ApiKeys
 from ragops.serve.backend import Deadline
 from ragops.serve.errors import APIError, bad_request, model_not_found
 from ragops.serve.feedback import FeedbackStore
+from ragops.serve.gate import ROUTES, GateMiddleware
 from ragops.serve.metrics import ServeMetrics
 from ragops.serve.models import ModelCatalog
+from ragops.serve.tracing import TracingMiddleware, annotate
 from ragops.serve.schemas import ChatCompletionRequest, EmbeddingsRequest, FeedbackBody, SearchBody
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-ROUTES = (
-    "/", "/healthz", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/search", "/v1/embeddings",
-    "/v1/feedback", "/v1/admin/reload",
-)  # fmt: skip
 TIMEOUT_HEADER = "x-request-timeout"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-_REJECTION_REASON = {400: "invalid", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "invalid",
-                     413: "too_large", 503: "overloaded", 504: "timeout"}  # fmt: skip
 
 
 class Backend(Protocol):
@@ -109,116 +105,6 @@ class IngressContext:
     feedback: FeedbackStore
     catalog: ModelCatalog
     deployment_status: Callable[[], Awaitable[dict[str, str]]] | None = None
-
-
-# ---------------------------------------------------------------------------------------
-# ASGI middleware: metrics, auth and body limit before any parsing
-# ---------------------------------------------------------------------------------------
-
-
-async def _send_error(send: Send, err: APIError) -> None:
-    resp = JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-    await resp({"type": "http"}, _no_receive, send)
-
-
-async def _no_receive() -> Message:  # pragma: no cover - responses never read
-    return {"type": "http.disconnect"}
-
-
-class GateMiddleware:
-    """Counts and times every request, then checks its key and body size before the app.
-
-    Authentication runs before the body is parsed, so an anonymous client learns nothing
-    about what the API would accept. The body is buffered up to ``max_body_bytes`` (413
-    above; a ``Content-Length`` over it is refused without reading).
-    """
-
-    def __init__(self, app: ASGIApp, ctx: IngressContext) -> None:
-        self.app = app
-        self.ctx = ctx
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        endpoint = path if path in ROUTES else "other"
-        m = self.ctx.metrics
-        status = {"code": 500}
-
-        async def send_counted(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        started = time.perf_counter()
-        inflight = m.inflight.labels(endpoint)
-        inflight.inc()
-        try:
-            await self._guarded(scope, receive, send_counted, path)
-        finally:
-            inflight.dec()
-            code = status["code"]
-            m.requests.labels(endpoint, scope.get("method", ""), str(code)).inc()
-            m.latency.labels(endpoint).observe(time.perf_counter() - started)
-            if code in _REJECTION_REASON:
-                m.rejections.labels(_REJECTION_REASON[code]).inc()
-
-    async def _guarded(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
-        needed = Role.ADMIN if path.startswith("/v1/admin/") else Role.CHAT if path.startswith("/v1/") else None
-        if needed is not None and scope.get("method") != "OPTIONS":
-            headers = dict(scope.get("headers") or [])
-            raw = headers.get(b"authorization")
-            try:
-                authorize(self.ctx.keys, raw.decode("latin-1") if raw is not None else None, needed)
-            except APIError as err:
-                await _send_error(send, err)
-                return
-        if scope.get("method") in ("POST", "PUT", "PATCH"):
-            body = await self._read_body(scope, receive)
-            if body is None:
-                limit = self.ctx.settings.serve.max_body_bytes
-                await _send_error(send, APIError(413, f"the request body exceeds the limit of {limit} bytes",
-                                                 code="request_too_large"))  # fmt: skip
-                return
-            receive = _replay(body, receive)
-        await self.app(scope, receive, send)
-
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
-        limit = self.ctx.settings.serve.max_body_bytes
-        for name, value in scope.get("headers") or []:
-            if name == b"content-length":
-                try:
-                    if int(value) > limit:
-                        return None
-                except ValueError:
-                    pass
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()  # later reads wait for the disconnect, as a real receive does
-
-    return replay
 
 
 # ---------------------------------------------------------------------------------------
@@ -365,6 +251,8 @@ def create_app(ctx: IngressContext) -> FastAPI:
 
         app.add_middleware(CORSMiddleware, allow_origins=sc.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "content-type", TIMEOUT_HEADER])  # fmt: skip
+    if telemetry.enabled():  # added last: outermost, so refused requests are traced too
+        app.add_middleware(TracingMiddleware, routes=ROUTES)
     page, csp = chat_page()
 
     async def resolve_model(name: str) -> str:
@@ -380,6 +268,9 @@ def create_app(ctx: IngressContext) -> FastAPI:
         created = int(time.time())
         deadline = _deadline(request, settings)
         model_id = await resolve_model(body.model)
+        # The variant is what answers: the artifact the requested name resolved to, or the base model.
+        annotate(request.state, {"ragops.request_id": rid, "gen_ai.request.model": body.model,
+                                 "ragops.variant": model_id or settings.generator.model, "ragops.stream": body.stream})  # fmt: skip
         limit = body.token_limit
         if limit is not None and limit > sc.max_tokens_limit:
             raise bad_request(f"'max_tokens' must be at most {sc.max_tokens_limit}", param="max_tokens")
@@ -415,6 +306,8 @@ def create_app(ctx: IngressContext) -> FastAPI:
         # model): feedback must stay attributable after an alias moves.
         served = model_id or settings.generator.model
         record = {"request_id": rid, "question": question, "model": served, "requested_model": body.model, "rag": params}
+        if trace := telemetry.trace_id():
+            record["trace_id"] = trace  # from a feedback record to the answer's trace
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return await _stream(ctx, areq, model_id, deadline, rid, created, body.model, record, include_usage, id_headers)
@@ -428,6 +321,7 @@ def create_app(ctx: IngressContext) -> FastAPI:
     @app.post("/v1/search")
     async def search(body: SearchBody, request: Request) -> Response:
         deadline = _deadline(request, settings)
+        annotate(request.state, {"ragops.search.k": body.k, "ragops.search.mode": body.mode})
         params = {
             "k": _check_k(body.k, settings, "k"),
             "mode": body.mode,
@@ -466,8 +360,12 @@ def create_app(ctx: IngressContext) -> FastAPI:
     # -- feedback --------------------------------------------------------------------
     @app.post("/v1/feedback")
     async def feedback(body: FeedbackBody) -> Response:
-        record = await asyncio.to_thread(ctx.feedback.add_feedback, body.request_id, body.rating,
-                                         comment=body.comment, preferred_answer=body.preferred_answer)  # fmt: skip
+        with telemetry.span("feedback.store", {"ragops.request_id": body.request_id, "ragops.rating": body.rating}) as current:
+            record = await asyncio.to_thread(ctx.feedback.add_feedback, body.request_id, body.rating,
+                                             comment=body.comment, preferred_answer=body.preferred_answer)  # fmt: skip
+            current.set_attribute("ragops.stored", record is not None)
+            if record and record.get("trace_id"):
+                current.set_attribute("ragops.answer_trace_id", record["trace_id"])
         if record is None:
             raise APIError(404, f"no answered request with id '{body.request_id}'", code="request_not_found",
                            param="request_id")  # fmt: skip

@@ -16,7 +16,8 @@ def replica_settings(settings: dict[str, Any] | Settings, torch_threads_of: str 
     """Rebuild the app's settings in a replica and prepare the process.
 
     Settings travel to replicas as JSON-able dicts (stable across processes and Ray
-    versions). When ``torch_threads_of`` names a deployment section of ``serve`` whose
+    versions). Traces are exported from here on when ``telemetry`` is set (the replica's
+    ``ragops.component`` is ``serve-<deployment>``). When ``torch_threads_of`` names a deployment section of ``serve`` whose
     ``torch_threads`` is set, torch's intra-op pool is sized to it (Ray's default is the
     replica's CPU reservation, floored, at least 1).
     """
@@ -27,6 +28,9 @@ def replica_settings(settings: dict[str, Any] | Settings, torch_threads_of: str 
     os.environ.setdefault("TQDM_DISABLE", "1")
     for noisy in ("transformers", "sentence_transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from ragops.tracking import telemetry
+
+    telemetry.configure(s.telemetry, f"serve-{torch_threads_of or 'ingress'}")
     if s.serve.replica_niceness is not None:
         renice(s.serve.replica_niceness)
     if torch_threads_of:

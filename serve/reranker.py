@@ -28,6 +28,7 @@ from ray import serve
 from ragops.retrieval.rerank import Reranker
 from ragops.retrieval.search import SearchHit, SearchResult
 from ragops.serve.replica import replica_settings
+from ragops.tracking import telemetry
 
 
 @serve.deployment(name="Reranker")
@@ -48,14 +49,16 @@ class RerankerDeployment:
         self._rerank_batch.set_max_batch_size(cfg.max_batch_size)
         self._rerank_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
-    async def rerank(self, query: str, result: SearchResult, k: int) -> SearchResult:
+    async def rerank(self, query: str, result: SearchResult, k: int, trace_context: dict[str, str] | None = None) -> SearchResult:
         """``result`` with its hits ordered by the cross-encoder, the best ``k`` kept.
 
         Hits get the cross-encoder score as ``score``, the retrieval score as
         ``retrieval_score`` and ranks ``1..k``; ``timings`` gain ``rerank_s`` (the batch's) and
         ``total_s`` includes it; ``reranked`` is True.
         """
-        hits, seconds = await self._rerank_batch((query, list(result.hits)))
+        attrs = {"ragops.candidates": len(result.hits), "ragops.k": k}
+        with telemetry.span("rerank", attrs, carrier=trace_context, kind=telemetry.SpanKind.SERVER):
+            hits, seconds = await self._rerank_batch((query, list(result.hits)))
         timings = {**result.timings, "rerank_s": seconds}
         timings["total_s"] = float(result.timings.get("total_s", 0.0)) + seconds
         return dataclasses.replace(result, hits=hits[:k], timings=timings, reranked=True)

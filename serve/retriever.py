@@ -31,6 +31,7 @@ from ragops.retrieval.context import expand_neighbors
 from ragops.retrieval.encoder import EncodedQuery
 from ragops.retrieval.search import Retriever, SearchResult
 from ragops.serve.replica import replica_settings
+from ragops.tracking import telemetry
 from ragops.vectorstore import VectorStore, open_store
 
 log = logging.getLogger(__name__)
@@ -110,26 +111,39 @@ class RetrieverDeployment:
 
     async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+        # The pool thread runs in the caller's context, so the library's spans nest under this replica's.
+        return await loop.run_in_executor(self._executor, telemetry.with_context(lambda: fn(*args, **kwargs)))
 
-    async def search(self, query: str, encoded: EncodedQuery, params: dict[str, Any]) -> SearchResult:
+    async def search(self, query: str, encoded: EncodedQuery, params: dict[str, Any],
+                     trace_context: dict[str, str] | None = None) -> SearchResult:  # fmt: skip
         """``ragops search`` for one query: params ``k``, ``mode``, ``fusion``, ``filters``, ``score_threshold``."""
+        with telemetry.span("retriever.search", carrier=trace_context, kind=telemetry.SpanKind.SERVER):
+            return await self._search(query, encoded, params)
+
+    async def _search(self, query: str, encoded: EncodedQuery, params: dict[str, Any]) -> SearchResult:
         keys = ("k", "mode", "fusion", "filters", "score_threshold")
         return await self._run(self._retriever([encoded]).search, query, **{k: params.get(k) for k in keys})
 
-    async def retrieve(self, query: str, encoded: EncodedQuery, params: dict[str, Any]) -> SearchResult:
+    async def retrieve(self, query: str, encoded: EncodedQuery, params: dict[str, Any],
+                       trace_context: dict[str, str] | None = None) -> SearchResult:  # fmt: skip
         """Hits for answering: :meth:`search`, then :meth:`expand`."""
-        return await self.expand(await self.search(query, encoded, params))
+        with telemetry.span("retriever.retrieve", carrier=trace_context, kind=telemetry.SpanKind.SERVER):
+            return await self._expand(await self._search(query, encoded, params))
 
-    async def expand(self, result: SearchResult) -> SearchResult:
+    async def expand(self, result: SearchResult, trace_context: dict[str, str] | None = None) -> SearchResult:
         """Neighbour expansion of a result's hits (``retrieval.expand_neighbors``; 0: as is)."""
+        with telemetry.span("retriever.expand", carrier=trace_context, kind=telemetry.SpanKind.SERVER):
+            return await self._expand(result)
+
+    async def _expand(self, result: SearchResult) -> SearchResult:
         n = self.settings.retrieval.expand_neighbors
         if n > 0 and result.hits:
-            hits = await self._run(expand_neighbors, result.hits, self._store, n)
+            with telemetry.span("retrieval.expand_neighbors", {"ragops.neighbors": n, "ragops.hits": len(result.hits)}):
+                hits = await self._run(expand_neighbors, result.hits, self._store, n)
             result = dataclasses.replace(result, hits=hits)
         return result
 
-    async def health(self) -> dict[str, Any]:
+    async def health(self, trace_context: dict[str, str] | None = None) -> dict[str, Any]:
         """Whether the store answers: ``{ok, backend, collection, points}``."""
         try:
             points = await self._run(self._store.count)
@@ -138,7 +152,7 @@ class RetrieverDeployment:
         return {"ok": True, "backend": self.settings.vectorstore.backend, "collection": self._store.collection,
                 "points": points}  # fmt: skip
 
-    async def reload(self) -> dict[str, Any]:
+    async def reload(self, trace_context: dict[str, str] | None = None) -> dict[str, Any]:
         """Close and reopen the store (e.g. after the collection was rebuilt on a Qdrant server)."""
 
         def reopen() -> None:

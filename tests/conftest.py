@@ -77,6 +77,27 @@ def ray_local() -> Iterator[None]:
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def _memory_span_exporter() -> Any:
+    """The SDK's in-memory exporter, installed as this test process's tracer provider (once:
+    OpenTelemetry allows one provider per process)."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from ragops.config import TelemetryConfig
+    from ragops.tracking import telemetry
+
+    exporter = InMemorySpanExporter()
+    assert telemetry.configure(TelemetryConfig(), "test", exporter=exporter)
+    return exporter
+
+
+@pytest.fixture
+def spans(_memory_span_exporter: Any) -> Iterator[Any]:
+    """The spans this test's process finishes (an ``InMemorySpanExporter``, emptied first)."""
+    _memory_span_exporter.clear()
+    yield _memory_span_exporter
+
+
 @pytest.fixture
 def make_settings(tmp_path: Path, tiny_embedder: Path) -> Callable[..., Any]:
     """Settings on a fresh data dir with the tiny embedder; ``--set``-style overrides apply."""

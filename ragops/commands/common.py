@@ -60,8 +60,15 @@ def handle_errors(fn: F) -> F:
 
 
 def settings_from(config: list[str] | None, overrides: list[str] | None, data_dir: Path | None) -> Settings:
-    """Load settings with the CLI's precedence (defaults < files < env < --set < --data-dir)."""
-    return load_settings(config or [], overrides or [], data_dir=data_dir)
+    """Load settings with the CLI's precedence (defaults < files < env < --set < --data-dir).
+
+    Traces of the command's phases are exported from here on when ``telemetry`` is set.
+    """
+    settings = load_settings(config or [], overrides or [], data_dir=data_dir)
+    from ragops.tracking import telemetry
+
+    telemetry.configure(settings.telemetry, "cli")
+    return settings
 
 
 def with_schedule_timeout(overrides: list[str] | None, schedule_timeout: float | None) -> list[str]:

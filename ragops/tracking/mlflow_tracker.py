@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -170,7 +171,7 @@ class MlflowTracker:
                 self.run_id = rec.mlflow_run_id
                 return self.run_id
             exp = self.client.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+            exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment, artifact_location=self._artifact_root())
             code = code_version()
             tags = {
                 "ragops.run_id": rec.run_id,
@@ -192,6 +193,17 @@ class MlflowTracker:
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self._submit(self._log_params, dict(items[i : i + MAX_PARAMS_PER_BATCH]))
         return self.run_id
+
+    def _artifact_root(self) -> str | None:
+        """Where a new experiment keeps its artifacts: beside a sqlite store's file.
+
+        MLflow's default for database stores is ``./mlruns`` under whatever the current folder
+        is, which scatters artifacts over the user's checkouts; a server decides for itself.
+        """
+        if not self.uri.startswith("sqlite:///"):
+            return None
+        db = Path(self.uri[len("sqlite:///") :]).expanduser()
+        return (db.parent / "mlartifacts").resolve().as_uri()
 
     def _log_params(self, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param

@@ -31,6 +31,7 @@ def test_an_sft_run_and_its_aliases_are_mirrored_into_mlflow(tmp_path: Path, sft
 
     client = _client(uri)
     exp = client.get_experiment_by_name("exp1")
+    assert exp.artifact_location == (tmp_path / "mlartifacts").as_uri()  # beside the store, not in the cwd
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == result.run.run_id
     assert result.run.mlflow_run_id == run.info.run_id  # remembered for --resume
@@ -63,7 +64,7 @@ def test_an_sft_run_and_its_aliases_are_mirrored_into_mlflow(tmp_path: Path, sft
 
 
 def test_an_unreachable_server_warns_once_and_training_goes_on(
-    sft_file: Path, ft_settings: Callable[..., Any], capfd: pytest.CaptureFixture[str]
+    sft_file: Path, ft_settings: Callable[..., Any], capfd: pytest.CaptureFixture[str], spans: Any
 ) -> None:
     from ragops.finetune.train import train
     from ragops.runs import RunStore
@@ -77,4 +78,10 @@ def test_an_unreachable_server_warns_once_and_training_goes_on(
     assert len(RunStore.from_settings(settings).metrics(result.run.run_id)) >= 3  # nothing lost on our side
     err = capfd.readouterr().err
     assert err.count("MLflow at http://127.0.0.1") == 1, err
+    # The run's phases are spans (telemetry), under one root per run.
+    done = {s.name: s for s in spans.get_finished_spans()}
+    root = done["train.sft"]
+    assert root.attributes["ragops.run_id"] == result.run.run_id and root.attributes["ragops.artifact"] == result.artifact.name
+    for phase in ("train.fit", "train.publish"):
+        assert done[phase].parent.span_id == root.context.span_id
 

@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from tests.conftest import SAMPLE_DOCS
+from tests.otlp_receiver import OtlpReceiver
 
 CHAT_KEY = "test-chat-key-0123456789"
 ADMIN_KEY = "test-admin-key-9876543210"
@@ -96,11 +97,19 @@ def index_overrides(tiny_embedder: Path) -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def otlp_receiver() -> Iterator[OtlpReceiver]:
+    """The OTLP/HTTP collector every replica of the test app exports its spans to."""
+    receiver = OtlpReceiver().start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="session")
 def serve_settings(
     tmp_path_factory: pytest.TempPathFactory, tiny_embedder: Path, tiny_llm_dir: Path, tiny_lora_dir: Path,
-    tiny_cross_encoder: Path,
+    tiny_cross_encoder: Path, otlp_receiver: OtlpReceiver,
 ):  # fmt: skip
-    """Settings of the test app, with the sample corpus ingested (local runner)."""
+    """Settings of the test app, with the sample corpus ingested (local runner); traced to ``otlp_receiver``."""
     from ragops.config import load_settings
     from ragops.ingest.pipeline import run_ingest
 
@@ -127,6 +136,8 @@ def serve_settings(
         "serve.generator.max_queued_requests=2",
         "serve.generator.batch_wait_timeout_s=0.05",
         f"serve.generator.adapters={{tiny-lora: '{tiny_lora_dir}'}}",
+        f"telemetry.otlp_endpoint={otlp_receiver.endpoint}",
+        "telemetry.export_delay_s=0.2",
     ]
     for dep in ("ingress", "embedder", "retriever", "reranker", "generator"):
         overrides += [f"serve.{dep}.num_cpus=0", f"serve.{dep}.torch_threads=1"]
