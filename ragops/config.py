@@ -254,7 +254,7 @@ class TelemetryConfig(StrictModel):
     otlp_endpoint: str | None = Field(
         None,
         description="OTLP/HTTP (protobuf) collector, e.g. http://otel-collector:4318 (/v1/traces is added when "
-        "the URL has no path). gRPC collectors listen on 4318 for HTTP too.",
+        "the URL has no path). The OpenTelemetry Collector's OTLP receiver serves HTTP on 4318 (4317 is gRPC, not used).",
     )
     console: bool = Field(False, description="Also print finished spans as JSON on stdout (for debugging).")
     service_name: str = Field("ragops", min_length=1, description="service.name of the spans; each replica adds its deployment.")

@@ -9,7 +9,8 @@ the tests that look for an obvious document rely on), one for fewer chooses amon
 (the reranker test relies on that). Every deployment reserves
 0 CPUs so the app never starves the other tests sharing the session's local Ray, and the
 generator admits 4 requests (batches of up to 4) and queues 2 more per caller, so the
-back-pressure test can fill it with a handful of requests.
+back-pressure test can fill it with a handful of requests. Every replica exports its spans to
+a session-wide OTLP receiver (``otlp_receiver``), so every serving test runs with tracing on.
 """
 
 from __future__ import annotations

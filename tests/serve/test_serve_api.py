@@ -147,8 +147,10 @@ def test_feedback_roundtrip(api: httpx.Client, served: Served) -> None:
                                         "preferred_answer": "Sharing a GPU by time."})  # fmt: skip
     assert fb.status_code == 200 and fb.json()["stored"] is True
     record = [x for x in _feedback_lines(served, "feedback.jsonl") if x["request_id"] == rid][-1]
+    # trace_id: the test app traces (see conftest), so the answer's trace is kept with the feedback.
     assert set(record) == {"request_id", "question", "passages", "answer", "model", "rating", "comment",
-                           "preferred_answer", "created"}  # fmt: skip
+                           "preferred_answer", "created", "trace_id"}  # fmt: skip
+    assert len(record["trace_id"]) == 32 and int(record["trace_id"], 16)
     assert record["question"] == "What is time-slicing?" and record["rating"] == "down"
     assert record["answer"] == r.json()["choices"][0]["message"]["content"]
     assert record["passages"] and "text" in record["passages"][0]
