@@ -121,14 +121,16 @@ class GeneratorDeployment:
         # Ended by hand: an async generator's steps do not share one context to restore.
         span = telemetry.start_span("generator.answer_stream", {"gen_ai.request.model": model}, carrier=trace_context,
                                     kind=telemetry.SpanKind.SERVER)  # fmt: skip
+        items = self._answer_stream(request)
         try:
-            async for item in self._answer_stream(request):
+            async for item in items:
                 if "final" in item:
                     record_generation(item["final"], model, span)
                 elif "error" in item:
                     span.set_attribute("ragops.error", str(item["error"].get("message", ""))[:500])
                 yield item
         finally:
+            await items.aclose()  # now, not at garbage collection: a cancelled answer frees its KV cache
             span.end()
 
     async def _answer_stream(self, request: AnswerRequest) -> AsyncIterator[dict[str, Any]]:
