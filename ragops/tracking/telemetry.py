@@ -45,7 +45,7 @@ _lock = threading.Lock()
 _installed: Any = None  # the SDK TracerProvider this module installed (one per process)
 
 __all__ = [
-    "SpanKind", "check_otlp_endpoint", "clean_attributes", "configure", "enabled", "inject", "record_error", "set_attributes", "span",
+    "SpanKind", "check_otlp_endpoint", "clean_attributes", "configure", "enabled", "inject", "record_error", "span",
     "start_span", "trace_id", "traceparent", "tracer", "with_context",
 ]  # fmt: skip
 
@@ -188,13 +188,6 @@ def span(
         yield current
 
 
-def set_attributes(attributes: Mapping[str, Any]) -> None:
-    """Add attributes to the current span (a no-op when nothing records)."""
-    current = trace.get_current_span()
-    if current.is_recording():
-        current.set_attributes(clean_attributes(attributes))
-
-
 def start_span(
     name: str,
     attributes: Mapping[str, Any] | None = None,
@@ -237,8 +230,9 @@ def traceparent(current: trace.Span | None = None) -> str | None:
 
 def trace_id() -> str | None:
     """The current trace's id in hex (as trace back-ends show it), None outside a recorded span."""
-    ctx = trace.get_current_span().get_span_context()
-    return f"{ctx.trace_id:032x}" if ctx.is_valid and trace.get_current_span().is_recording() else None
+    current = trace.get_current_span()
+    ctx = current.get_span_context()
+    return f"{ctx.trace_id:032x}" if ctx.is_valid and current.is_recording() else None
 
 
 def with_context(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -16,9 +16,6 @@ import pytest
 
 from ragops.errors import ConfigError
 
-pytest.importorskip("opentelemetry.sdk")
-
-
 def _tree(finished: Any) -> dict[str, Any]:
     return {s.name: s for s in finished}
 
