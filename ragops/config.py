@@ -166,11 +166,49 @@ class ExtractiveConfig(StrictModel):
     min_words: int = Field(3, ge=1, le=20, description="Fewest content words of a candidate sentence.")
 
 
+class LlamaCppConfig(StrictModel):
+    """The llama.cpp engine (``generator.engine: llamacpp``): threads, context, batching."""
+
+    n_threads: int | None = Field(
+        None, ge=1, description="Threads per decode step (None: the CPUs Ray gives the replica, else all cores)."
+    )
+    n_threads_batch: int | None = Field(None, ge=1, description="Threads for prompt prefill (None: as n_threads).")
+    n_ctx: int = Field(
+        8192, ge=256, le=262144,
+        description="KV cache cells shared by all sequences of a replica (one sequence may use at most the "
+        "model's trained context).",
+    )
+    n_batch: int = Field(512, ge=16, le=8192, description="Most tokens (prompt chunks plus decode steps) per llama.cpp batch.")
+    n_parallel: int = Field(8, ge=1, le=64, description="Most sequences decoded together in one batch.")
+    n_gpu_layers: int = Field(0, ge=-1, description="Layers offloaded to a GPU (-1: all; needs a CUDA/Metal build).")
+    prefix_cache: bool = Field(True, description="Compute the system prompt's KV state once per replica and share it.")
+    flash_attn: bool = Field(False, description="llama.cpp's flash attention kernels.")
+
+
+class VllmConfig(StrictModel):
+    """The vLLM engine (``generator.engine: vllm``, GPU nodes)."""
+
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs one replica shards the model over.")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of each GPU's memory vLLM may take.")
+    max_model_len: int | None = Field(None, ge=64, description="Context window (None: the model's).")
+    max_loras: int = Field(4, ge=1, le=64, description="LoRA adapters resident on the GPU at once.")
+    max_lora_rank: int = Field(64, ge=1, le=512, description="Largest LoRA rank served.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field("auto")
+    enforce_eager: bool = Field(False, description="Skip CUDA graphs (faster start, slower decode).")
+
+
 class GeneratorConfig(StrictModel):
     """The causal LM that writes answers, and the checks around its answers."""
 
     model: str = Field("smollm2-135m-instruct", description="Registry name or local path of the generator.")
     adapter: str | None = Field(None, description="LoRA adapter: registry name/alias or path.")
+    engine: Literal["auto", "transformers", "llamacpp", "vllm"] = Field(
+        "auto",
+        description="What decodes answers: 'auto' picks vllm on a CUDA node with vLLM installed, llamacpp for a "
+        "GGUF model (or one packaged with `ragops models package`), else transformers.",
+    )
+    llamacpp: LlamaCppConfig = Field(default_factory=LlamaCppConfig)
+    vllm: VllmConfig = Field(default_factory=VllmConfig)
     device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N' or 'auto'.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32")
     max_new_tokens: int = Field(

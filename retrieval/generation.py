@@ -31,10 +31,10 @@ import threading
 import time
 from collections.abc import Generator as PyGenerator
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from ragops.config import GeneratorConfig
-from ragops.errors import ConfigError, InputError, ModelNotFoundError
+from ragops.errors import InputError, ModelNotFoundError
 from ragops.model_registry import ModelSpec, resolve_model
 from ragops.retrieval.model_loading import (  # noqa: F401 - resolve_adapter/resolve_device are public here too
     DEFAULT_CONTEXT_TOKENS,
@@ -56,15 +56,20 @@ from ragops.retrieval.decoding import (  # noqa: F401 - results are public here 
     sequence_result,
 )
 
+from ragops.retrieval.generator_base import (  # noqa: F401 - Message/ROLES are public here too
+    FUSIONS,
+    ROLES,
+    Fusion,
+    GeneratorBase,
+    Message,
+    validate_messages,
+)
+
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-Message = dict[str, str]
-Fusion = Literal["mixture", "product"]
-ROLES = ("system", "user", "assistant")
-FUSIONS = ("mixture", "product")
 
 
 # ---------------------------------------------------------------------------------------
@@ -72,7 +77,7 @@ FUSIONS = ("mixture", "product")
 # ---------------------------------------------------------------------------------------
 
 
-class Generator:
+class Generator(GeneratorBase):
     """A transformers causal LM: chat prompts in, text (or text deltas) out.
 
     Settings are read in the constructor; the model loads in :meth:`warm_up`, which every other
@@ -87,8 +92,11 @@ class Generator:
         >>> gen.generate([{"role": "user", "content": "Say hi"}]).text  # doctest: +SKIP
     """
 
+    engine = "transformers"
+    supports_fused = True
+
     def __init__(self, cfg: GeneratorConfig | None = None) -> None:
-        self.cfg = cfg or GeneratorConfig()
+        super().__init__(cfg)
         self.spec: ModelSpec | None = None
         self.device: str | None = None
         self._model: Any = None
@@ -185,88 +193,20 @@ class Generator:
 
     # -- text helpers --------------------------------------------------------------------
 
-    def count_tokens(self, text: str) -> int:
-        """Number of tokens ``text`` encodes to (no special tokens added)."""
-        self.warm_up()
-        return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+    def _tokenize(self, text: str, *, special: bool) -> list[int]:
+        return list(self._tokenizer(text, add_special_tokens=special)["input_ids"])
 
-    def truncate_text(self, text: str, max_tokens: int) -> str:
-        """Keep the first ``max_tokens`` tokens of ``text``."""
-        self.warm_up()
-        ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]
-        return text if len(ids) <= max_tokens else self._tokenizer.decode(ids[:max_tokens])
+    def _detokenize(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(list(ids))
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *, tokenize: bool = False) -> str | list[int]:
-        """Render chat messages as the model's prompt, generation prompt appended.
-
-        Models without a chat template get a plain ``role: content`` transcript.
-
-        Args:
-            messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``.
-            tokenize: Return token ids instead of text.
-
-        Raises:
-            InputError: malformed messages.
-        """
-        self.warm_up()
-        msgs = _validate_messages(messages)
-        return self._encode(msgs) if tokenize else self._render(msgs)
+    @property
+    def _has_chat_template(self) -> bool:
+        return bool(self._tokenizer.chat_template)
 
     def _render(self, msgs: list[Message]) -> str:
         if self._tokenizer.chat_template:
             return self._tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return "".join(f"{m['role']}: {m['content']}\n\n" for m in msgs) + "assistant:"
-
-    def _encode(self, msgs: list[Message]) -> list[int]:
-        # A chat template writes its own BOS; a plain transcript needs the tokenizer's.
-        special = not self._tokenizer.chat_template
-        return list(self._tokenizer(self._render(msgs), add_special_tokens=special)["input_ids"])
-
-    # -- public generation API -----------------------------------------------------------
-
-    def generate(
-        self,
-        messages: Sequence[Mapping[str, str]],
-        *,
-        max_new_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        stop: Sequence[str] | str | None = None,
-        seed: int | None = None,
-        min_new_tokens: int = 0,
-        repetition_penalty: float | None = None,
-        no_repeat_ngram_size: int | None = None,
-    ) -> GenerationResult:
-        """Generate a reply to a chat.
-
-        Args:
-            messages: Chat messages (see :meth:`apply_chat_template`).
-            max_new_tokens: Token budget of the reply; None takes ``cfg.max_new_tokens``.
-            temperature: 0 is greedy and deterministic; above 0 samples. None takes the config's.
-            top_p: Nucleus sampling mass (sampling only). None takes the config's.
-            stop: Stop sequences: generation ends as soon as the text contains one, which is
-                trimmed from the result. None takes ``cfg.stop``.
-            seed: Seed of the sampler's own ``torch.Generator``; None takes ``cfg.seed``. The
-                same seed and inputs give the same sample.
-            min_new_tokens: Suppress end-of-sequence before this many tokens (benchmarks use it
-                to force equal lengths; stop sequences still apply).
-            repetition_penalty: Penalty (>= 1) on tokens already generated; None takes the
-                config's. Only generated tokens count, never the prompt (see
-                :func:`~ragops.retrieval.decoding.penalize_repeats`).
-            no_repeat_ngram_size: Never repeat an n-gram of the reply; 0 is off, None takes the
-                config's.
-
-        Returns:
-            The generated text with finish reason, token counts and timings.
-
-        Raises:
-            InputError: malformed messages or options.
-        """
-        return self.stream(
-            messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            stop=stop, seed=seed, min_new_tokens=min_new_tokens,
-            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-        ).collect()
 
     def stream(
         self,
@@ -399,97 +339,7 @@ class Generator:
 
         return ResultStream(run())
 
-    def generate_fused(
-        self, batch: Sequence[Sequence[Mapping[str, str]]], *, fusion: Fusion = "mixture", **kwargs: Any
-    ) -> GenerationResult:
-        """:meth:`stream_fused`, collected."""
-        return self.stream_fused(batch, fusion=fusion, **kwargs).collect()
-
     # -- internals -----------------------------------------------------------------------
-
-    def _options(
-        self,
-        max_new_tokens: int | None,
-        temperature: float | None,
-        top_p: float | None,
-        stop: Sequence[str] | str | None,
-        seed: int | None,
-        min_new_tokens: int,
-        repetition_penalty: float | None = None,
-        no_repeat_ngram_size: int | None = None,
-    ) -> DecodeOptions:
-        cfg = self.cfg
-        opts = DecodeOptions(
-            max_new_tokens=cfg.max_new_tokens if max_new_tokens is None else int(max_new_tokens),
-            temperature=cfg.temperature if temperature is None else float(temperature),
-            top_p=cfg.top_p if top_p is None else float(top_p),
-            stop=list(cfg.stop) if stop is None else ([stop] if isinstance(stop, str) else list(stop)),
-            seed=cfg.seed if seed is None else int(seed),
-            min_new_tokens=int(min_new_tokens),
-            repetition_penalty=cfg.repetition_penalty if repetition_penalty is None else float(repetition_penalty),
-            no_repeat_ngram_size=cfg.no_repeat_ngram_size if no_repeat_ngram_size is None else int(no_repeat_ngram_size),
-            stop_on_repeat=cfg.stop_on_repeat,
-        )
-        if opts.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be at least 1 (got {opts.max_new_tokens})")
-        if opts.temperature < 0:
-            raise InputError(f"temperature must be >= 0 (got {opts.temperature})")
-        if not 0 < opts.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1] (got {opts.top_p})")
-        if not 1.0 <= opts.repetition_penalty <= 2.0:
-            raise InputError(f"repetition_penalty must be in [1, 2] (got {opts.repetition_penalty})")
-        if opts.no_repeat_ngram_size < 0:
-            raise InputError(f"no_repeat_ngram_size must be >= 0 (got {opts.no_repeat_ngram_size})")
-        if not all(isinstance(s, str) for s in opts.stop):
-            raise InputError("stop must be a string or a list of strings")
-        return opts
-
-    def _prepare(self, messages: Sequence[Mapping[str, str]], max_new: int) -> tuple[list[int], int]:
-        """Encode a chat; fit prompt plus reply into the context window."""
-        msgs = _validate_messages(messages)
-        ids = self._encode(msgs)
-        limit = self._max_context
-        if len(ids) + max_new <= limit:
-            return ids, max_new
-        # The reply's budget gives way first, down to half the window; then the prompt is cut.
-        if max_new > limit // 2:
-            capped = max(limit - len(ids), limit // 2)
-            if capped < max_new:
-                log.warning("max_new_tokens %d capped to %d to fit the %d-token context window", max_new, capped, limit)
-                max_new = capped
-        budget = limit - max_new
-        if len(ids) > budget:
-            ids = self._truncate_prompt(msgs, ids, budget)
-        return ids, max_new
-
-    def _truncate_prompt(self, msgs: list[Message], ids: list[int], budget: int) -> list[int]:
-        """Cut the oldest non-system content from its left until the prompt fits ``budget``.
-
-        Working on message contents (not raw tokens) keeps the chat template's structure and the
-        system prompt intact; in a RAG prompt the passages come first and the question last, so
-        passage text goes and the question stays.
-        """
-        original = len(ids)
-        msgs = [dict(m) for m in msgs]
-        for _ in range(8):  # re-tokenizing a cut can differ by a token or two: a few rounds
-            over = len(ids) - budget
-            if over <= 0:
-                break
-            i = next((k for k, m in enumerate(msgs) if m["role"] != "system" and m["content"]), None)
-            if i is None:
-                break
-            content = self._tokenizer(msgs[i]["content"], add_special_tokens=False)["input_ids"]
-            keep = max(len(content) - over - 1, 0)
-            msgs[i]["content"] = self._tokenizer.decode(content[len(content) - keep :]) if keep else ""
-            ids = self._encode(msgs)
-        if len(ids) > budget:  # the system prompt alone is too long: plain left cut
-            ids = ids[-budget:]
-        log.warning(
-            "prompt of %d tokens exceeds its budget of %d (context window %d minus the reply's tokens); "
-            "truncated from the left of the context to %d tokens",
-            original, budget, self._max_context, len(ids),
-        )
-        return ids
 
     def _decode(
         self,
@@ -615,16 +465,3 @@ class Generator:
             return token, logp[:, token].tolist()
 
 
-def _validate_messages(messages: Sequence[Mapping[str, str]]) -> list[Message]:
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
-        raise InputError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-    out: list[Message] = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            raise InputError(f"message {i}: expected a dict with 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise InputError(f"message {i}: unknown role '{m['role']}'; allowed: {', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise InputError(f"message {i}: content must be a string")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out

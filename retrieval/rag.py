@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ragops.retrieval.context import assemble_context
-from ragops.retrieval.generation import Generator, ResultStream
+from ragops.retrieval.decoding import ResultStream
+from ragops.retrieval.engines import make_generator
+from ragops.retrieval.generator_base import GeneratorBase
 from ragops.retrieval.prompts import Passage
 from ragops.retrieval.extractive import ExtractiveReader, SentenceScorer, shared_embedder, shared_reranker
 from ragops.retrieval.grounding import GroundedReader
@@ -229,11 +231,11 @@ class RAGPipeline:
         collection: str | None = None,
         *,
         retriever: Retriever | None = None,
-        generator: Generator | None = None,
+        generator: GeneratorBase | None = None,
     ) -> None:
         self.settings = settings
         self.retriever = retriever or Retriever(settings, collection=collection)
-        self.generator = generator or Generator(settings.generator)
+        self.generator = generator or make_generator(settings.generator)
 
     def warm_up(self) -> None:
         """Load the retriever and the generator now instead of on the first question."""

@@ -27,7 +27,8 @@ from typing import Any
 
 from ragops.config import Settings
 from ragops.retrieval.context import assemble_context
-from ragops.retrieval.generation import GenerationResult, Generator, ResultStream
+from ragops.retrieval.decoding import GenerationResult, ResultStream
+from ragops.retrieval.generator_base import GeneratorBase
 from ragops.retrieval.rag import AnswerStream, reader_for
 from ragops.retrieval.search import SearchResult
 from ragops.serve.errors import APIError, from_ragops_error
@@ -68,7 +69,7 @@ class DeferredGenerator:
     :attr:`result`'s text once :attr:`result` has been set.
     """
 
-    def __init__(self, generator: Generator) -> None:
+    def __init__(self, generator: GeneratorBase) -> None:
         self._generator = generator
         self.messages: list[dict[str, str]] | None = None
         self.options: dict[str, Any] = {}
@@ -134,7 +135,7 @@ def error_dict(exc: BaseException) -> dict[str, Any]:
     return {"error": api.to_dict()}
 
 
-def _batch_key(req: AnswerRequest, index: int, generator: Generator) -> str:
+def _batch_key(req: AnswerRequest, index: int, generator: GeneratorBase) -> str:
     opts = req.options()
     temperature = opts.get("temperature", generator.cfg.temperature)
     if temperature > 0 and "seed" in opts:
@@ -143,7 +144,7 @@ def _batch_key(req: AnswerRequest, index: int, generator: Generator) -> str:
     return json.dumps(opts, sort_keys=True)
 
 
-def answer_batch(generator: Generator, settings: Settings, requests: Sequence[AnswerRequest]) -> list[dict[str, Any]]:
+def answer_batch(generator: GeneratorBase, settings: Settings, requests: Sequence[AnswerRequest]) -> list[dict[str, Any]]:
     """Answer several requests; stuff-reader requests with equal options share one batch.
 
     Returns:
@@ -193,5 +194,5 @@ def _finish(stream: AnswerStream, batch_size: int) -> dict[str, Any]:
         return error_dict(exc)
 
 
-def _answer_alone(generator: Generator, settings: Settings, req: AnswerRequest) -> dict[str, Any]:
+def _answer_alone(generator: GeneratorBase, settings: Settings, req: AnswerRequest) -> dict[str, Any]:
     return _finish(start_answer(generator, settings, req), 1)

@@ -276,6 +276,10 @@ class HandleBackend:
         """The retriever's view of the vector store."""
         return await self.retriever.call("health", deadline=deadline)
 
+    async def generator_info(self, *, deadline: Deadline) -> dict[str, Any]:
+        """The base generator's engine, model and why that engine was picked."""
+        return await self.generator.call("info", deadline=deadline)
+
     async def reload(self, *, deadline: Deadline) -> dict[str, Any]:
         """Reopen the vector store (admin)."""
         return {"retriever": await self.retriever.call("reload", deadline=deadline)}

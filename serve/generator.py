@@ -29,7 +29,8 @@ from typing import Any
 
 from ray import serve
 
-from ragops.retrieval.generation import Generator
+from ragops.retrieval.engines import make_generator
+from ragops.retrieval.generator_base import GeneratorBase
 from ragops.serve.answering import AnswerRequest, answer_batch, answer_dict, error_dict, start_answer
 from ragops.serve.models import BASE, ModelCatalog
 from ragops.serve.replica import replica_settings
@@ -54,36 +55,43 @@ class GeneratorDeployment:
         self.catalog = ModelCatalog(self.settings)
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self._load_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-adapter")
-        self.base = Generator(self.settings.generator)
+        self.base = make_generator(self.settings.generator)
         self.base.warm_up()
+        # An engine that batches concurrent calls itself (llama.cpp, vLLM) gets them concurrently:
+        # a step thread per in-flight request, all feeding the engine's one decode loop.
+        self._step_thread = (
+            ThreadPoolExecutor(max_workers=4 * cfg.max_batch_size, thread_name_prefix="stream")
+            if self.base.concurrent else self._model_thread
+        )
         self._hold_file = cfg.test_hold_file
         self._answer_batch.set_max_batch_size(cfg.max_batch_size)
         self._answer_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self._scheduler: BatchScheduler[AnswerRequest] = BatchScheduler(self._run_batch, cfg.max_batch_size)
 
-        async def load_adapter_generator(model_id: str) -> Generator:
+        async def load_adapter_generator(model_id: str) -> GeneratorBase:
             return await self._load(model_id)
 
         # Decorated here (not on the class) so the cache size comes from the config.
         self._adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)(load_adapter_generator)
 
-    async def _load(self, model_id: str) -> Generator:
+    async def _load(self, model_id: str) -> GeneratorBase:
         loop = asyncio.get_running_loop()
         # Registry look-ups (and downloads from a remote registry) are I/O: off the event loop.
         gen_cfg = await loop.run_in_executor(self._load_thread, self.catalog.generator_config, model_id)
-        gen = Generator(gen_cfg)
+        gen = await loop.run_in_executor(self._load_thread, make_generator, gen_cfg)
         await loop.run_in_executor(self._load_thread, gen.warm_up)
-        log.info("loaded adapter %s (%s on %s)", model_id, gen_cfg.adapter, gen_cfg.model)
+        log.info("loaded model %s (%s on %s, engine %s)", model_id, gen_cfg.adapter, gen_cfg.model, gen.engine)
         return gen
 
-    async def _generator(self, model_id: str | None = None) -> Generator:
+    async def _generator(self, model_id: str | None = None) -> GeneratorBase:
         """The base model or the adapter ``model_id`` (default: this request's multiplexed id)."""
         if model_id is None:  # BASE is "", so test for None, not falsiness
             model_id = serve.get_multiplexed_model_id()
         return self.base if model_id == BASE else await self._adapter(model_id)
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, *args)
+    async def _run(self, fn: Any, *args: Any, gen: GeneratorBase | None = None) -> Any:
+        pool = self._step_thread if gen is not None and gen.concurrent else self._model_thread
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     async def _hold(self) -> None:
         # TEST HOOK (serve.generator.test_hold_file): lets tests keep requests in flight.
@@ -112,7 +120,7 @@ class GeneratorDeployment:
             gen = await self._generator(model_id)
         except Exception as exc:  # noqa: BLE001 - e.g. an adapter that does not load: each caller's error
             return [error_dict(exc)] * len(requests)
-        return await self._run(answer_batch, gen, self.settings, requests)
+        return await self._run(answer_batch, gen, self.settings, requests, gen=gen)
 
     async def answer_stream(self, request: AnswerRequest, trace_context: dict[str, str] | None = None,
                             ) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
@@ -137,13 +145,13 @@ class GeneratorDeployment:
         await self._hold()
         try:
             gen = await self._generator()
-            stream = await self._run(start_answer, gen, self.settings, request)
+            stream = await self._run(start_answer, gen, self.settings, request, gen=gen)
         except Exception as exc:  # noqa: BLE001
             yield error_dict(exc)
             return
         try:
             while True:
-                delta = await self._run(next, stream, None)
+                delta = await self._run(next, stream, None, gen=gen)
                 if delta is None:
                     break
                 yield {"delta": delta}
@@ -154,6 +162,10 @@ class GeneratorDeployment:
             if stream.answer is None:
                 # Cancelled (client gone, time limit): free the suspended decode loop's KV cache.
                 self._model_thread.submit(stream.close)
+
+    async def info(self, trace_context: dict[str, str] | None = None) -> dict[str, Any]:
+        """The base generator's engine, model and the reason for the engine (``/healthz``)."""
+        return self.base.describe()
 
     def check_health(self) -> None:
         """Serve's periodic health check: the base model is loaded."""

@@ -80,6 +80,7 @@ class Backend(Protocol):
     async def answer(self, request: AnswerRequest, model_id: str, *, deadline: Deadline) -> dict[str, Any]: ...
     def answer_stream(self, request: AnswerRequest, model_id: str, *, deadline: Deadline) -> AsyncIterator[dict[str, Any]]: ...
     async def retriever_health(self, *, deadline: Deadline) -> dict[str, Any]: ...
+    async def generator_info(self, *, deadline: Deadline) -> dict[str, Any]: ...
     async def reload(self, *, deadline: Deadline) -> dict[str, Any]: ...
 
 
@@ -485,4 +486,9 @@ async def _health(ctx: IngressContext) -> Response:
         store = {"ok": False, "error": err.message}
     checks["vectorstore"] = store
     ok = ok and bool(store.get("ok"))
+    try:
+        # Which engine decodes (and why): informational, never a reason to report unhealthy.
+        checks["generator"] = await ctx.backend.generator_info(deadline=Deadline(5.0))
+    except APIError as err:
+        checks["generator"] = {"error": err.message}
     return JSONResponse({"status": "ok" if ok else "unavailable", **checks}, status_code=200 if ok else 503)
