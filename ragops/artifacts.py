@@ -1,24 +1,27 @@
-"""Registry of trained artifacts: versioned adapters and reward heads that serving loads.
+"""Registry of trained artifacts: versioned adapters, reward heads and packaged GGUF models.
 
 Layout under the registry root (``<data_dir>/registry`` or a URI such as ``s3://bucket/reg``)::
 
     artifacts/<name>/artifact.json     manifest: kind, base model, parent, data hash, metrics, evals,
                                        code version, config, run id, files
     artifacts/<name>/adapter/          adapter_config.json + adapter_model.safetensors (peft)
+    artifacts/<name>/model/model.gguf  a packaged GGUF model (kind ``gguf``, :mod:`ragops.packaging`)
     aliases.json                       {alias: {"target", "previous": [...], "log": [...]}}
 
 Names look like ``sft-20261125-1530-ab12`` (kind, UTC time, 4 random hex digits); the run that
 trained an artifact has the same id (see :mod:`ragops.runs`). Publishing moves the kind's
-``-latest`` alias (``sft-latest``; ``reward-latest`` and ``rm-latest``; ``ppo-latest``).
+``-latest`` alias (``sft-latest``; ``reward-latest`` and ``rm-latest``; ``ppo-latest``;
+``gguf-latest``).
 :meth:`Registry.promote` points any alias at an artifact, optionally behind an evaluation gate,
 and :meth:`Registry.rollback` moves an alias back to its previous target. Every alias move is
 logged in ``aliases.json``.
 
-Only safetensors and JSON are ever written: no pickle (an HF checkpoint's ``training_args.bin``
-or ``optimizer.pt`` never reaches the registry).
+Only safetensors, GGUF and JSON are ever written: no pickle (an HF checkpoint's
+``training_args.bin`` or ``optimizer.pt`` never reaches the registry).
 
-Storage goes through :mod:`pyarrow.fs`, so a registry can live on S3/GCS; adapters from a
-remote registry are downloaded once to ``<data_dir>/cache/registry/<name>`` for loading.
+Storage goes through :mod:`pyarrow.fs` (:class:`ragops.storage.Storage`, re-exported here), so a
+registry can live on S3/GCS; adapters and GGUF files from a remote registry are downloaded once
+to ``<data_dir>/cache/registry/<name>`` for loading.
 Alias updates on a local registry are serialised with a file lock; on object storage the
 last writer wins (publish from one place).
 """
@@ -26,319 +29,42 @@ last writer wins (publish from one place).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
-import re
-import secrets
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from ragops.errors import ConfigError, InputError, ModelNotFoundError
+from ragops.artifact_manifest import (
+    ALIAS_RE,
+    ALLOWED_SUFFIXES,
+    GGUF_FILE,
+    KINDS,
+    LATEST_ALIASES,
+    NAME_RE,
+    Artifact,
+    ArtifactKind,
+    PromoteResult,
+    _check_alias,
+    _jsonable,
+    _require_adapter,
+    code_version,
+    new_name,
+    utc_now,
+)
+from ragops.errors import InputError, ModelNotFoundError
+from ragops.storage import Storage
 
 if TYPE_CHECKING:
-    import pyarrow.fs as pafs
-
     from ragops.config import Settings
 
-ArtifactKind = Literal["sft", "reward", "ppo"]
-KINDS: tuple[str, ...] = ("sft", "reward", "ppo")
-#: Aliases moved by publishing an artifact of each kind.
-LATEST_ALIASES: dict[str, tuple[str, ...]] = {
-    "sft": ("sft-latest",),
-    "reward": ("reward-latest", "rm-latest"),
-    "ppo": ("ppo-latest",),
-}
-NAME_RE = re.compile(r"^(sft|reward|ppo)-\d{8}-\d{4,6}-[0-9a-f]{4}$")
-ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-#: Files an artifact may contain: weights as safetensors, everything else JSON / text.
-ALLOWED_SUFFIXES = (".safetensors", ".json", ".jinja", ".txt", ".md", ".model")
-
-
-def utc_now() -> str:
-    """ISO-8601 UTC timestamp with milliseconds (sortable), e.g. ``2026-11-25T15:30:12.345Z``."""
-    now = datetime.now(timezone.utc)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
-
-
-def new_name(kind: str, now: datetime | None = None) -> str:
-    """A fresh artifact / run name: ``<kind>-YYYYMMDD-HHMM-xxxx``."""
-    if kind not in KINDS:
-        raise InputError(f"unknown artifact kind '{kind}'; allowed: {', '.join(KINDS)}")
-    now = now or datetime.now(timezone.utc)
-    return f"{kind}-{now:%Y%m%d-%H%M}-{secrets.token_hex(2)}"
-
-
-def code_version() -> dict[str, Any]:
-    """``{"ragops": __version__, "git": commit or None, "dirty": bool or None}``.
-
-    Git is asked read-only (``--no-optional-locks`` keeps ``status`` from refreshing the index).
-    """
-    import ragops
-
-    info: dict[str, Any] = {"ragops": ragops.__version__, "git": None, "dirty": None}
-    repo = Path(ragops.__file__).resolve().parent.parent
-    if not (repo / ".git").exists():
-        return info
-    try:
-        env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=5, env=env, check=True
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
-            cwd=repo, capture_output=True, text=True, timeout=5, env=env, check=True,
-        ).stdout  # fmt: skip
-        info["git"], info["dirty"] = sha or None, bool(status.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
-
-
-# ---------------------------------------------------------------------------------------
-# Storage: a path or a URI through pyarrow.fs
-# ---------------------------------------------------------------------------------------
-
-
-class Storage:
-    """A folder on the local disk or on object storage, addressed by relative paths.
-
-    Args:
-        root: A local path or a URI (``s3://bucket/prefix``, ``gs://...``, ``file:///...``).
-    """
-
-    def __init__(self, root: str | Path) -> None:
-        import pyarrow.fs as pafs
-
-        text = str(root)
-        if "://" in text and not text.startswith("file://"):
-            try:
-                fs, base = pafs.FileSystem.from_uri(text)
-            except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for bad URIs
-                raise ConfigError(f"storage location '{text}' cannot be opened: {exc}") from None
-            self.fs: pafs.FileSystem = fs
-            self.base = base.rstrip("/")
-            self.local = False
-        else:
-            path = Path(text.removeprefix("file://")).expanduser().resolve()
-            self.fs = pafs.LocalFileSystem()
-            self.base = path.as_posix()
-            self.local = True
-        self.root = text
-
-    def __repr__(self) -> str:
-        return f"Storage({self.root!r})"
-
-    def path(self, *parts: str) -> str:
-        """Filesystem path (no scheme) of ``parts`` under the root."""
-        return "/".join([self.base, *[p.strip("/") for p in parts if p]])
-
-    def uri(self, *parts: str) -> str:
-        """What to show or hand to Ray: a local path, or the URI with its scheme."""
-        if self.local:
-            return self.path(*parts)
-        scheme = self.root.split("://", 1)[0]
-        return f"{scheme}://{self.path(*parts)}"
-
-    def local_path(self, *parts: str) -> Path | None:
-        """A :class:`Path` when the storage is local, else None."""
-        return Path(self.path(*parts)) if self.local else None
-
-    def exists(self, *parts: str) -> bool:
-        import pyarrow.fs as pafs
-
-        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
-
-    def read_text(self, *parts: str) -> str | None:
-        """The file's text, or None when it does not exist."""
-        try:
-            with self.fs.open_input_stream(self.path(*parts)) as fh:
-                return fh.read().decode("utf-8")
-        except (FileNotFoundError, OSError):
-            return None
-
-    def write_text(self, rel: str, text: str) -> None:
-        """Write a whole file; atomic on a local disk (temp file + rename)."""
-        if self.local:
-            target = Path(self.path(rel))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                    fh.write(text)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            return
-        parent = self.path(rel).rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
-        with self.fs.open_output_stream(self.path(rel)) as fh:
-            fh.write(text.encode("utf-8"))
-
-    def append_text(self, rel: str, text: str) -> None:
-        """Append to a file (object stores have no append: the file is rewritten)."""
-        if self.local:
-            target = Path(self.path(rel))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target, "a", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-            return
-        self.write_text(rel, (self.read_text(rel) or "") + text)
-
-    def read_json(self, *parts: str) -> Any:
-        text = self.read_text(*parts)
-        if text is None:
-            return None
-        try:
-            return json.loads(text)
-        except ValueError as exc:
-            raise InputError(f"{self.uri(*parts)}: not valid JSON ({exc})") from None
-
-    def write_json(self, rel: str, data: Any) -> None:
-        self.write_text(rel, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-
-    def list_dirs(self, *parts: str) -> list[str]:
-        """Names of the sub-folders of a folder (empty when it does not exist)."""
-        import pyarrow.fs as pafs
-
-        selector = pafs.FileSelector(self.path(*parts), allow_not_found=True)
-        return sorted(i.base_name for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.Directory)
-
-    def list_files(self, *parts: str) -> list[str]:
-        """Relative paths of the files under a folder, recursively."""
-        import pyarrow.fs as pafs
-
-        root = self.path(*parts)
-        selector = pafs.FileSelector(root, allow_not_found=True, recursive=True)
-        return sorted(i.path[len(root) + 1 :] for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File)
-
-    def upload(self, local_file: Path, rel: str) -> None:
-        """Copy one local file to ``rel``."""
-        if self.local:
-            target = Path(self.path(rel))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(local_file, target)
-            return
-        import pyarrow.fs as pafs
-
-        parent = self.path(rel).rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
-        pafs.copy_files(str(local_file), self.path(rel), source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
-
-    def download_dir(self, rel: str, dest: Path) -> Path:
-        """Copy a folder to the local ``dest`` (replaced atomically) and return it."""
-        import pyarrow.fs as pafs
-
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-        pafs.copy_files(self.path(rel), str(tmp), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-        return dest
-
-    def delete_dir(self, *parts: str) -> None:
-        with contextlib.suppress(FileNotFoundError, OSError):
-            self.fs.delete_dir(self.path(*parts))
-
-    @contextlib.contextmanager
-    def lock(self, rel: str) -> Iterator[None]:
-        """An exclusive lock for read-modify-write of ``rel`` (local disks; a no-op elsewhere)."""
-        if not self.local:
-            yield
-            return
-        target = Path(self.path(rel))
-        lock_path = target.with_name(f".{target.name}.lock")
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-# ---------------------------------------------------------------------------------------
-# Artifacts
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Artifact:
-    """One published artifact (its ``artifact.json``).
-
-    Attributes:
-        name: ``<kind>-YYYYMMDD-HHMM-xxxx``; the training run has the same id.
-        kind: ``sft``, ``reward`` or ``ppo``.
-        created_at: UTC publish time.
-        base_model: The base model as configured (registry name or path); serving loads it and
-            applies the adapter on top.
-        task: ``causal-lm`` (a generator adapter) or ``seq-cls`` (a reward model: LoRA plus the
-            scalar score head).
-        format: ``peft-lora``.
-        parent: The artifact this one was trained from (PPO starts from an SFT adapter), if any.
-        run_id: The run that produced it (``ragops runs show``).
-        data_hash: SHA-256 of the training data files.
-        code_version: ``{"ragops", "git", "dirty"}``.
-        config: Training settings (trainer, LoRA, scaling).
-        metrics: Final training metrics, merged with the latest recorded evaluation.
-        evals: Evaluations recorded after publishing (``record_eval``), oldest first.
-        files: Files under ``adapter/``.
-        tags: The run's key/value tags.
-    """
-
-    name: str
-    kind: str
-    created_at: str
-    base_model: str
-    task: str = "causal-lm"
-    format: str = "peft-lora"
-    parent: str | None = None
-    run_id: str | None = None
-    data_hash: str | None = None
-    code_version: dict[str, Any] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    evals: list[dict[str, Any]] = field(default_factory=list)
-    files: list[str] = field(default_factory=list)
-    tags: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Artifact:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-@dataclass(frozen=True)
-class PromoteResult:
-    """What :meth:`Registry.promote` did.
-
-    Attributes:
-        alias: The alias moved.
-        name: Its new target.
-        previous: Its target before, if any.
-        gate: The evaluation gate's verdict (``GateResult.to_dict()``) when one was required.
-    """
-
-    alias: str
-    name: str
-    previous: str | None
-    gate: dict[str, Any] | None = None
-
+__all__ = [
+    "ALIAS_RE", "ALLOWED_SUFFIXES", "ArtifactKind", "GGUF_FILE", "KINDS", "LATEST_ALIASES", "NAME_RE", "Artifact", "PromoteResult", "Registry", "Storage",
+    "adapter_base", "adapter_dir", "apply_model", "code_version", "default_registry", "looks_like_ref",
+    "new_name", "record_eval", "utc_now",
+]  # fmt: skip
 
 class Registry:
     """Artifacts and aliases under one root (a path or a URI).
@@ -418,8 +144,13 @@ class Registry:
         return Artifact.from_dict(data)
 
     def local_dir(self, ref: str) -> Path:
-        """A local folder with the artifact's adapter files (downloaded once from remote storage)."""
+        """A local folder with the artifact's adapter files (downloaded once from remote storage).
+
+        Raises:
+            ModelNotFoundError: unknown name, or a packaged GGUF (see :meth:`gguf_path`).
+        """
         art = self.get(ref)
+        _require_adapter(art)
         local = self.storage.local_path("artifacts", art.name, "adapter")
         if local is not None:
             return local
@@ -428,7 +159,87 @@ class Registry:
             self.storage.download_dir(f"artifacts/{art.name}/adapter", dest)
         return dest
 
+    def gguf_path(self, ref: str) -> Path:
+        """The local GGUF file of a packaged model (downloaded once from remote storage).
+
+        Raises:
+            ModelNotFoundError: unknown name, or an artifact that is not a packaged GGUF.
+        """
+        art = self.get(ref)
+        if not art.is_gguf:
+            raise ModelNotFoundError(
+                f"artifact '{art.name}' is a {art.kind} adapter, not a packaged GGUF model; "
+                f"package it with `ragops models package {art.name}`"
+            )
+        rel = f"artifacts/{art.name}/{GGUF_FILE}"
+        local = self.storage.local_path(rel)
+        if local is not None:
+            return local
+        dest = self.cache_dir / art.name / GGUF_FILE
+        if not dest.is_file() or dest.stat().st_size != art.lineage.get("size_bytes", dest.stat().st_size):
+            self.storage.download_file(rel, dest)
+        return dest
+
+    def find_package(self, base_model: str, adapter_artifact: str | None = None, quant: str | None = None) -> Artifact | None:
+        """The newest packaged GGUF built from ``base_model`` (+ ``adapter_artifact``), if any.
+
+        Args:
+            base_model: The base model as recorded (a built-in name or a path).
+            adapter_artifact: The adapter artifact (name or alias) merged into it; None: a
+                package of the bare base.
+            quant: Only packages of this quantization (``f16``, ``q8_0``, ``q4_k_m``); None: any.
+        """
+        adapter = self.resolve(adapter_artifact) if adapter_artifact and self.has(adapter_artifact) else adapter_artifact
+        for art in reversed(self.list(kind="gguf")):
+            lin = art.lineage
+            if lin.get("base_model") == base_model and lin.get("adapter") == adapter and quant in (None, lin.get("quant")):
+                return art
+        return None
+
     # -- writing -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def staging(self, name: str) -> Iterator[Path]:
+        """A local scratch folder to build artifact ``name`` in, removed when the block ends.
+
+        On a local registry it lies under ``<root>/.tmp/`` (the same filesystem as
+        ``artifacts/``), so :meth:`commit_staged` moves it in with one rename and a failure at
+        any point (KeyboardInterrupt included) leaves nothing under ``artifacts/``.
+        """
+        local_root = self.storage.local_path(".tmp")
+        parent = local_root if local_root is not None else self.cache_dir / ".tmp"
+        parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=parent, prefix=f"{name}-"))
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # already renamed away after a local commit
+
+    def commit_staged(self, folder: Path, art: Artifact, *, move_latest: bool = True) -> Artifact:
+        """Move a folder built in :meth:`staging` into ``artifacts/<art.name>`` with its manifest.
+
+        The manifest is written inside the folder before a local rename, or uploaded last to a
+        remote registry, so the registry never lists a half-written artifact.
+
+        Raises:
+            InputError: the name is already taken.
+        """
+        if self.storage.exists("artifacts", art.name):
+            raise InputError(f"artifact '{art.name}' already exists in {self.storage.uri()}")
+        target = self.storage.local_path("artifacts", art.name)
+        if target is not None:
+            (folder / self.MANIFEST).write_text(json.dumps(art.to_dict(), indent=2, sort_keys=True, default=str) + "\n")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(folder, target)
+        else:
+            for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != self.MANIFEST):
+                self.storage.upload(f, f"artifacts/{art.name}/{f.relative_to(folder).as_posix()}")
+            self.storage.write_json(f"artifacts/{art.name}/{self.MANIFEST}", art.to_dict())
+        if move_latest:
+            for alias in LATEST_ALIASES[art.kind]:
+                self.set_alias(alias, art.name, action="publish")
+        return art
+
 
     def publish(
         self,
@@ -463,8 +274,10 @@ class Registry:
             InputError: unknown kind, a source without adapter weights, or a name already taken.
         """
         src = Path(source_dir)
-        if kind not in KINDS:
-            raise InputError(f"unknown artifact kind '{kind}'; allowed: {', '.join(KINDS)}")
+        if kind not in KINDS or kind == "gguf":
+            adapters = [k for k in KINDS if k != "gguf"]
+            hint = " (a GGUF is written by ragops.packaging.package_model)" if kind == "gguf" else ""
+            raise InputError(f"unknown adapter kind '{kind}'; allowed: {', '.join(adapters)}{hint}")
         if not (src / "adapter_config.json").is_file() or not list(src.glob("*.safetensors")):
             raise InputError(f"{src}: no adapter_config.json and *.safetensors to publish")
         name = name or new_name(kind)
@@ -547,21 +360,44 @@ class Registry:
         Raises:
             InputError: the gate refused, or the candidate has no value for the metric.
         """
-        from ragops.finetune.gate import compare_metrics, metric_direction
-
         name = self.resolve(ref)
-        gate = None
-        if require_metric:
-            base_ref = baseline or (self.aliases().get(alias) or {}).get("target")
-            before = self.get(base_ref).metrics if base_ref else {}
-            after = self._load(name).metrics
-            hib = metric_direction(require_metric) if higher_is_better is None else higher_is_better
-            result = compare_metrics(before, after, require_metric, higher_is_better=hib)
-            gate = {**result.to_dict(), "baseline": self.resolve(base_ref) if base_ref else None}
-            if not result.passed:
-                raise InputError(f"promotion of {name} to '{alias}' refused: {result.reason}")
+        gate = self.check_gate(name, alias, require_metric=require_metric, baseline=baseline, higher_is_better=higher_is_better)
         previous = self.set_alias(alias, name, action="promote")
         return PromoteResult(alias=alias, name=name, previous=previous, gate=gate)
+
+    def check_gate(
+        self,
+        ref: str,
+        alias: str,
+        *,
+        require_metric: str | None = None,
+        baseline: str | None = None,
+        higher_is_better: bool | None = None,
+    ) -> dict[str, Any] | None:
+        """The evaluation gate of :meth:`promote`, without moving anything.
+
+        ``ragops models promote --package`` asks it before packaging, so a refused promotion
+        does not cost a conversion.
+
+        Returns:
+            The gate's verdict (None without ``require_metric``).
+
+        Raises:
+            InputError: the gate refused, or the candidate has no value for the metric.
+        """
+        from ragops.finetune.gate import compare_metrics, metric_direction
+
+        if not require_metric:
+            return None
+        name = self.resolve(ref)
+        base_ref = baseline or (self.aliases().get(alias) or {}).get("target")
+        before = self.get(base_ref).metrics if base_ref else {}
+        after = self._load(name).metrics
+        hib = metric_direction(require_metric) if higher_is_better is None else higher_is_better
+        result = compare_metrics(before, after, require_metric, higher_is_better=hib)
+        if not result.passed:
+            raise InputError(f"promotion of {name} to '{alias}' refused: {result.reason}")
+        return {**result.to_dict(), "baseline": self.resolve(base_ref) if base_ref else None}
 
     def rollback(self, alias: str) -> PromoteResult:
         """Move ``alias`` back to its previous target (popping the ``previous`` stack).
@@ -597,29 +433,6 @@ class Registry:
             art.metrics.update(clean)
             self.storage.write_json(rel, art.to_dict())
         return art
-
-
-def _check_alias(alias: str) -> None:
-    if not ALIAS_RE.match(alias):
-        raise InputError(f"alias '{alias}': use lower-case letters, digits, '.', '_' or '-' (max 64 characters)")
-    if NAME_RE.match(alias):
-        raise InputError(f"alias '{alias}' looks like an artifact name; pick a name such as 'prod' or 'staging'")
-
-
-def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        if hasattr(v, "item") and callable(v.item):  # numpy / torch scalars
-            v = v.item()
-        if isinstance(v, (str, int, float, bool)) or v is None:
-            out[str(k)] = v
-        elif isinstance(v, dict):
-            out[str(k)] = _jsonable(v)
-        elif isinstance(v, (list, tuple)):
-            out[str(k)] = [x if isinstance(x, (str, int, float, bool)) or x is None else str(x) for x in v]
-        else:
-            out[str(k)] = str(v)
-    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -670,10 +483,12 @@ def adapter_dir(ref: str, *, registry: Registry | Settings | str | Path | None =
     """Local adapter folder of a generator artifact (name or alias).
 
     Raises:
-        ModelNotFoundError: unknown name, or an artifact that is not a generator adapter.
+        ModelNotFoundError: unknown name, or an artifact that is not a generator adapter (a
+            reward model, or a packaged GGUF, which is a whole model).
     """
     reg = _as_registry(registry)
     art = reg.get(ref)
+    _require_adapter(art)
     if art.task != "causal-lm":
         raise ModelNotFoundError(
             f"artifact '{art.name}' is a {art.kind} model ({art.task}), not a generator adapter; "
@@ -689,6 +504,9 @@ def adapter_base(ref: str, *, registry: Registry | Settings | str | Path | None 
 
 def apply_model(settings: Settings, ref: str) -> Settings:
     """Settings whose generator runs artifact ``ref``: its base model plus its adapter folder.
+
+    A packaged GGUF artifact (kind ``gguf``) becomes the model itself (its local file), with no
+    adapter.
 
     A built-in generator name or a full local model folder switches the base model instead.
     This is how ``ragops ask --model NAME`` (and serving) should switch models: the base is
@@ -709,6 +527,10 @@ def apply_model(settings: Settings, ref: str) -> Settings:
         gen = settings.generator.model_copy(update={"adapter": str(path)})
         return settings.model_copy(update={"generator": gen})
     reg = Registry.from_settings(settings)
+    if reg.get(ref).is_gguf:
+        # A whole model: resolve_model turns the .gguf path into a spec with gguf_file set.
+        gen = settings.generator.model_copy(update={"model": str(reg.gguf_path(ref)), "adapter": None})
+        return settings.model_copy(update={"generator": gen})
     folder = adapter_dir(ref, registry=reg)
     gen = settings.generator.model_copy(update={"adapter": str(folder), "model": adapter_base(ref, registry=reg)})
     return settings.model_copy(update={"generator": gen})

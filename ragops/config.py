@@ -408,6 +408,22 @@ class Settings(StrictModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _vllm_replicas_hold_their_gpus(self) -> "Settings":
+        # A vLLM replica runs its tensor-parallel shards in its own processes: it must reserve
+        # (and a KubeRay cluster must provide) that many GPUs. Unset, the GPUs follow the engine.
+        tp = self.generator.vllm.tensor_parallel_size
+        gen = self.serve.generator
+        if self.generator.engine == "vllm":
+            if gen.num_gpus == 0:
+                gen.num_gpus = float(tp)
+            elif gen.num_gpus < tp:
+                raise ValueError(
+                    f"serve.generator.num_gpus is {gen.num_gpus:g} but generator.vllm.tensor_parallel_size is {tp}: "
+                    "a vLLM replica needs one GPU per tensor-parallel shard"
+                )
+        return self
+
     def fingerprint(self, *sections: str) -> str:
         """Short stable hash of the given sections (all when none), for manifests and caches."""
         data = self.model_dump(mode="json")

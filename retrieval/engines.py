@@ -20,11 +20,15 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ragops.config import GeneratorConfig
+from ragops.config import GeneratorConfig, Settings
 from ragops.errors import ConfigError, ModelNotFoundError
 from ragops.model_registry import resolve_model
 from ragops.retrieval.generator_base import EngineName, GeneratorBase
+
+if TYPE_CHECKING:
+    from ragops.artifacts import Registry
 
 log = logging.getLogger(__name__)
 
@@ -58,26 +62,36 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def gguf_for(cfg: GeneratorConfig) -> tuple[Path | None, str]:
+def gguf_for(cfg: GeneratorConfig, registry: Registry | None = None) -> tuple[Path | None, str]:
     """The GGUF that runs ``cfg``'s model and adapter, and where it came from ('' if none).
 
-    Without an adapter, a GGUF model is its own file. A model or adapter that is not GGUF is
-    looked up among the registry's packaged artifacts (newest first).
+    In order: a ``.gguf`` file named as the model (a packaged artifact applied by
+    ``--model``) is itself; then the registry's newest package of this base (+ adapter), since
+    ``ragops models package`` is how a team says which quantization it serves (the packaged
+    q8_0 of SmolLM2 both prefills and decodes faster than the Q4_1 file it ships as, see
+    BENCHMARKS.md); then a built-in model that ships as GGUF.
+
+    Args:
+        cfg: Generator settings.
+        registry: Where packages are looked up (default: the environment's registry).
     """
+    spec = None
     if not cfg.adapter:
         try:
             spec = resolve_model(cfg.model, kind="generator")
         except ModelNotFoundError:
             spec = None
-        if spec is not None and spec.gguf_file:
-            return spec.locate() / spec.gguf_file, f"{cfg.model} is a GGUF model"
-    package = _registry_package(cfg)
+        if spec is not None and spec.gguf_file and Path(cfg.model).suffix == ".gguf":
+            return spec.locate() / spec.gguf_file, f"{Path(cfg.model).name} is a GGUF file"
+    package = _registry_package(cfg, registry)
     if package is not None:
         return package
+    if spec is not None and spec.gguf_file:
+        return spec.locate() / spec.gguf_file, f"{cfg.model} ships as a GGUF model"
     return None, ""
 
 
-def _registry_package(cfg: GeneratorConfig) -> tuple[Path, str] | None:
+def _registry_package(cfg: GeneratorConfig, registry: Registry | None) -> tuple[Path, str] | None:
     from ragops import artifacts
 
     adapter = cfg.adapter
@@ -85,10 +99,10 @@ def _registry_package(cfg: GeneratorConfig) -> tuple[Path, str] | None:
         # apply_model hands the adapter over as its registry folder (artifacts/<name>/adapter, or
         # the download cache's <name>): the package's lineage names the artifact.
         folder = Path(adapter)
-        adapter = folder.parent.name if folder.name == "adapter" else folder.name if not folder.exists() or (folder / "adapter_config.json").is_file() else adapter
+        adapter = folder.parent.name if folder.name == "adapter" else folder.name
     try:
-        registry = artifacts.default_registry()
-        art = registry.find_package(cfg.model, adapter=adapter)
+        registry = registry or artifacts.default_registry()
+        art = registry.find_package(cfg.model, adapter_artifact=adapter)
         if art is None:
             return None
         return registry.gguf_path(art.name), f"packaged GGUF artifact {art.name} ({art.lineage.get('quant')})"
@@ -97,12 +111,13 @@ def _registry_package(cfg: GeneratorConfig) -> tuple[Path, str] | None:
         return None
 
 
-def choose_engine(cfg: GeneratorConfig, *, need_fused: bool = False) -> EngineChoice:
+def choose_engine(cfg: GeneratorConfig, *, need_fused: bool = False, registry: Registry | None = None) -> EngineChoice:
     """Resolve ``cfg.engine`` (``auto`` included) to the engine that will run ``cfg``.
 
     Args:
         cfg: Generator settings.
         need_fused: The reader needs fused decoding (FiD): ``auto`` then takes transformers.
+        registry: Where packaged GGUFs are looked up (default: the environment's registry).
 
     Raises:
         ConfigError: an explicit engine that is not installed, or llamacpp without a GGUF.
@@ -119,7 +134,7 @@ def choose_engine(cfg: GeneratorConfig, *, need_fused: bool = False) -> EngineCh
         from ragops.retrieval.llamacpp_engine import import_llama_cpp
 
         import_llama_cpp()
-        path, why = gguf_for(cfg)
+        path, why = gguf_for(cfg, registry)
         if path is None:
             what = f"{cfg.model} with adapter {cfg.adapter}" if cfg.adapter else cfg.model
             raise ConfigError(
@@ -132,7 +147,7 @@ def choose_engine(cfg: GeneratorConfig, *, need_fused: bool = False) -> EngineCh
         return EngineChoice("transformers", "auto: the FiD reader needs fused decoding (transformers only)")
     if cuda_available():
         return EngineChoice("vllm", "auto: vLLM is installed and a CUDA device is visible")
-    path, why = gguf_for(cfg)
+    path, why = gguf_for(cfg, registry)
     if path is not None:
         if installed("llama_cpp"):
             return EngineChoice("llamacpp", f"auto: {why}", path)
@@ -140,15 +155,16 @@ def choose_engine(cfg: GeneratorConfig, *, need_fused: bool = False) -> EngineCh
     return EngineChoice("transformers", "auto: no GGUF for this model (package one with `ragops models package`)")
 
 
-def make_generator(cfg: GeneratorConfig, *, need_fused: bool | None = None) -> GeneratorBase:
+def make_generator(cfg: GeneratorConfig, *, need_fused: bool | None = None, registry: Registry | None = None) -> GeneratorBase:
     """A generator on the engine :func:`choose_engine` picks for ``cfg`` (not loaded yet).
 
     Args:
         cfg: Generator settings.
         need_fused: Whether the reader needs fused decoding; None reads ``cfg.reader == 'fid'``.
+        registry: Where packaged GGUFs are looked up (default: the environment's registry).
     """
     fused = cfg.reader == "fid" if need_fused is None else need_fused
-    choice = choose_engine(cfg, need_fused=fused)
+    choice = choose_engine(cfg, need_fused=fused, registry=registry)
     if fused and choice.engine != "transformers":
         raise ConfigError(
             f"the FiD reader needs generator.engine: transformers (generator.engine is {cfg.engine}); "
@@ -171,3 +187,16 @@ def make_generator(cfg: GeneratorConfig, *, need_fused: bool | None = None) -> G
     gen.choice_reason = choice.reason
     log.info("generator %s%s runs on %s (%s)", cfg.model, f" + {cfg.adapter}" if cfg.adapter else "", choice.engine, choice.reason)
     return gen
+
+
+def generator_for(settings: Settings, cfg: GeneratorConfig | None = None, *, need_fused: bool | None = None) -> GeneratorBase:
+    """:func:`make_generator` with packaged GGUFs looked up in ``settings``' registry.
+
+    Args:
+        settings: Full settings (their registry: ``finetune.registry_path`` or the data dir's).
+        cfg: Generator settings to run (default: ``settings.generator``), e.g. an adapter's.
+        need_fused: As for :func:`make_generator`.
+    """
+    from ragops.artifacts import Registry
+
+    return make_generator(cfg or settings.generator, need_fused=need_fused, registry=Registry.from_settings(settings))

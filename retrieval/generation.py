@@ -61,6 +61,7 @@ from ragops.retrieval.generator_base import (  # noqa: F401 - Message/ROLES are 
     ROLES,
     Fusion,
     GeneratorBase,
+    HFChatMixin,
     Message,
     validate_messages,
 )
@@ -77,7 +78,7 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------
 
 
-class Generator(GeneratorBase):
+class Generator(HFChatMixin, GeneratorBase):
     """A transformers causal LM: chat prompts in, text (or text deltas) out.
 
     Settings are read in the constructor; the model loads in :meth:`warm_up`, which every other
@@ -191,22 +192,7 @@ class Generator(GeneratorBase):
         self.warm_up()
         return self._max_context
 
-    # -- text helpers --------------------------------------------------------------------
-
-    def _tokenize(self, text: str, *, special: bool) -> list[int]:
-        return list(self._tokenizer(text, add_special_tokens=special)["input_ids"])
-
-    def _detokenize(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(ids))
-
-    @property
-    def _has_chat_template(self) -> bool:
-        return bool(self._tokenizer.chat_template)
-
-    def _render(self, msgs: list[Message]) -> str:
-        if self._tokenizer.chat_template:
-            return self._tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return "".join(f"{m['role']}: {m['content']}\n\n" for m in msgs) + "assistant:"
+    # -- generation ----------------------------------------------------------------------
 
     def stream(
         self,

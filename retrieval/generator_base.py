@@ -71,6 +71,9 @@ class GeneratorBase(ABC):
     def max_context_tokens(self) -> int:
         """The context window in tokens (prompt plus generated tokens)."""
 
+    def close(self) -> None:
+        """Free what the engine holds beyond Python objects (threads, native contexts)."""
+
     def describe(self) -> dict[str, Any]:
         """What runs the answers, for ``/healthz`` and ``ragops models list``."""
         return {"engine": self.engine, "model": self.cfg.model, "adapter": self.cfg.adapter, "reason": self.choice_reason}
@@ -276,6 +279,30 @@ class GeneratorBase(ABC):
             original, budget, self.max_context_tokens, len(ids),
         )
         return ids
+
+
+class HFChatMixin:
+    """Tokenization and chat rendering through a transformers tokenizer (``self._tokenizer``).
+
+    The transformers and vLLM engines share it, so both build byte-identical prompts.
+    """
+
+    _tokenizer: Any
+
+    def _tokenize(self, text: str, *, special: bool) -> list[int]:
+        return list(self._tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def _detokenize(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(list(ids))
+
+    @property
+    def _has_chat_template(self) -> bool:
+        return bool(self._tokenizer.chat_template)
+
+    def _render(self, msgs: list[Message]) -> str:
+        if self._tokenizer.chat_template:
+            return self._tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return "".join(f"{m['role']}: {m['content']}\n\n" for m in msgs) + "assistant:"
 
 
 def validate_messages(messages: Sequence[Mapping[str, str]]) -> list[Message]:

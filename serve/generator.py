@@ -29,7 +29,7 @@ from typing import Any
 
 from ray import serve
 
-from ragops.retrieval.engines import make_generator
+from ragops.retrieval.engines import generator_for
 from ragops.retrieval.generator_base import GeneratorBase
 from ragops.serve.answering import AnswerRequest, answer_batch, answer_dict, error_dict, start_answer
 from ragops.serve.models import BASE, ModelCatalog
@@ -55,7 +55,7 @@ class GeneratorDeployment:
         self.catalog = ModelCatalog(self.settings)
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self._load_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load-adapter")
-        self.base = make_generator(self.settings.generator)
+        self.base = generator_for(self.settings)
         self.base.warm_up()
         # An engine that batches concurrent calls itself (llama.cpp, vLLM) gets them concurrently:
         # a step thread per in-flight request, all feeding the engine's one decode loop.
@@ -78,7 +78,7 @@ class GeneratorDeployment:
         loop = asyncio.get_running_loop()
         # Registry look-ups (and downloads from a remote registry) are I/O: off the event loop.
         gen_cfg = await loop.run_in_executor(self._load_thread, self.catalog.generator_config, model_id)
-        gen = await loop.run_in_executor(self._load_thread, make_generator, gen_cfg)
+        gen = await loop.run_in_executor(self._load_thread, generator_for, self.settings, gen_cfg)
         await loop.run_in_executor(self._load_thread, gen.warm_up)
         log.info("loaded model %s (%s on %s, engine %s)", model_id, gen_cfg.adapter, gen_cfg.model, gen.engine)
         return gen

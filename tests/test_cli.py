@@ -178,7 +178,14 @@ def test_unknown_config_key_names_it(cli) -> None:
     assert res.exit_code == 2 and "embedder.modle" in res.output and "model" in res.output
 
 
-def test_models_list_json() -> None:
-    res = CliRunner().invoke(app, ["models", "list", "--json"])
-    names = {m["name"] for m in json.loads(res.stdout)["models"]}
-    assert {"minilm-l6", "smollm2-135m-instruct", "bge-small-en-v1.5"} <= names
+def test_models_list_json(tmp_path: Path, tiny_llm_dir: Path) -> None:
+    home = ["--data-dir", str(tmp_path)]
+    listed = json.loads(CliRunner().invoke(app, ["models", "list", "--json", *home]).stdout)
+    assert {"minilm-l6", "smollm2-135m-instruct", "bge-small-en-v1.5"} <= {m["name"] for m in listed["models"]}
+    # Which engine would answer, and why (the auto pick on the configured generator).
+    gen = listed["generator"]
+    assert gen["model"] == "smollm2-135m-instruct" and gen["engine"] in {"llamacpp", "transformers"} and gen["reason"]
+    hf = json.loads(CliRunner().invoke(app, ["models", "list", "--json", *home, "--set", f"generator.model={tiny_llm_dir}"]).stdout)
+    assert hf["generator"]["engine"] == "transformers" and hf["generator"]["gguf"] is None
+    table = CliRunner().invoke(app, ["models", "list", *home])
+    assert table.exit_code == 0 and f"runs on {gen['engine']}" in table.stdout

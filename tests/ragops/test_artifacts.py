@@ -39,10 +39,19 @@ def registry(tmp_path: Path) -> Registry:
 
 
 def test_names() -> None:
-    for kind in ("sft", "reward", "ppo"):
+    for kind in ("sft", "reward", "ppo", "gguf"):
         assert NAME_RE.match(new_name(kind))
     with pytest.raises(InputError):
         new_name("dpo")
+
+
+def test_publish_refuses_gguf_and_storage_lives_in_its_own_module(registry: Registry, tmp_path: Path) -> None:
+    import ragops.storage
+
+    assert Storage is ragops.storage.Storage  # re-exported: old imports keep working
+    with pytest.raises(InputError, match="unknown adapter kind 'gguf'.*ragops.packaging"):
+        registry.publish(fake_adapter(tmp_path / "a"), kind="gguf", base_model="tiny")
+    assert registry.find_package("tiny") is None
 
 
 def test_publish_moves_latest_aliases_and_keeps_no_pickles(registry: Registry, tmp_path: Path) -> None:
@@ -149,6 +158,8 @@ def test_remote_storage_through_pyarrow(tmp_path: Path) -> None:
     assert reg.resolve("sft-latest") == a.name
     folder = reg.local_dir("sft-latest")
     assert folder == tmp_path / "cache" / a.name and (folder / "adapter_model.safetensors").is_file()
+    reg.storage.write_text("one/file.txt", "x")
+    assert reg.storage.download_file("one/file.txt", tmp_path / "dl" / "file.txt").read_text() == "x"
     reg.storage.append_text("log.jsonl", "a\n")
     reg.storage.append_text("log.jsonl", "b\n")
     assert reg.storage.read_text("log.jsonl") == "a\nb\n"

@@ -332,3 +332,23 @@ def test_render_cli_writes_yaml_and_refuses_ambiguity(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "exactly one" in r.stderr
     r = runner.invoke(app, ["kuberay", "render", "--job", "ingest", "--", "docs"])  # default config: embedded store
     assert r.exit_code == 2 and "Qdrant server" in r.stderr
+
+
+def test_vllm_engine_renders_a_gpu_worker_group_for_the_generator() -> None:
+    cpu = load_settings([CLUSTER_YAML], ["generator.engine=llamacpp", "serve.generator.num_gpus=0"], environ={})
+    assert cpu.serve.generator.num_gpus == 0  # only vLLM ties the replica's GPUs to the engine
+    settings = load_settings(
+        [CLUSTER_YAML], ["generator.engine=vllm", "generator.vllm.tensor_parallel_size=2", "serve.generator.num_gpus=0"], environ={}
+    )
+    assert settings.serve.generator.num_gpus == 2.0  # follows the tensor-parallel size when unset
+    with pytest.raises(ConfigError, match="does not fit a gpu worker pod"):
+        render_service(settings, _opts())  # the default GPU pod has 1 GPU: a TP-2 replica cannot fit
+    svc = render_service(settings, _opts(shapes=Shapes(gpu_worker=PodShape(16, "64Gi", 2))))
+    gen = next(d for d in serve_config_v2(settings)["applications"][0]["deployments"] if d["name"] == "Generator")
+    assert gen["ray_actor_options"]["num_gpus"] == 2.0
+    gpu = _group(svc, "gpu-workers")
+    assert gpu is not None
+    assert int(gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) >= 2
+    with pytest.raises(ConfigError, match="one GPU per tensor-parallel shard"):
+        load_settings([CLUSTER_YAML], ["generator.engine=vllm", "generator.vllm.tensor_parallel_size=2", "serve.generator.num_gpus=1"],
+                      environ={})  # fmt: skip
