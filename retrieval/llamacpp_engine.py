@@ -165,6 +165,14 @@ class LlamaCppGenerator(GeneratorBase):
                 self._model.close()
                 self._batcher = self._ctx = self._model = None
 
+    def __del__(self) -> None:
+        # Ray Serve's model multiplexer calls __del__ when it evicts an adapter's generator:
+        # the decode thread and the native context must go then, not whenever GC runs.
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from a finalizer (interpreter shutdown)
+            pass
+
     @property
     def max_context_tokens(self) -> int:
         self.warm_up()
