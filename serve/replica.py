@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ def replica_settings(settings: dict[str, Any] | Settings, torch_threads_of: str 
     versions). Traces are exported from here on when ``telemetry`` is set (the replica's
     ``ragops.component`` is ``serve-<deployment>``). When ``torch_threads_of`` names a deployment section of ``serve`` whose
     ``torch_threads`` is set, torch's intra-op pool is sized to it (Ray's default is the
-    replica's CPU reservation, floored, at least 1).
+    replica's CPU reservation, floored, at least 1), without importing torch for it.
     """
     s = settings if isinstance(settings, Settings) else Settings.model_validate(settings)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,9 +37,12 @@ def replica_settings(settings: dict[str, Any] | Settings, torch_threads_of: str 
     if torch_threads_of:
         threads = getattr(s.serve, torch_threads_of).torch_threads
         if threads:
-            import torch
-
-            torch.set_num_threads(threads)
+            if "torch" in sys.modules:
+                sys.modules["torch"].set_num_threads(threads)
+            else:
+                # torch sizes its pool from OMP_NUM_THREADS when it loads. Importing it here
+                # would cost a llama.cpp generator replica, which never needs torch, ~700 MiB.
+                os.environ["OMP_NUM_THREADS"] = str(threads)
     return s
 
 
