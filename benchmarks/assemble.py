@@ -3,7 +3,7 @@
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["ingest", "vectorstore", "quality", "latency", "answers", "generation", "serve", "train", "ppo"]
+ORDER = ["ingest", "vectorstore", "quality", "latency", "answers", "engines", "generation", "serve", "train", "ppo", "tracking"]
 
 HEADER = """# Benchmarks
 
