@@ -11,7 +11,9 @@ questions of ``samples/eval/answers.jsonl``), so prefill is as heavy as in real 
 2. ``identity`` — greedy f16 (llama.cpp) against transformers: prompts whose first 16 tokens
    are identical.
 3. ``quality`` — ``ragops eval answers`` (stuff reader) per engine/quant: answer F1 etc.
-4. ``serve`` — the Ray Serve app on each engine in turn (transformers, llama.cpp q8_0): chat
+4. ``batching`` — in-process, 8 threads on the q8_0 generator against one at a time, on the
+   RAG prompts and on bare questions (how much shared decode steps give).
+5. ``serve`` — the Ray Serve app on each engine in turn (transformers, llama.cpp q8_0): chat
    p50 with one client (k = 5, 32 tokens), total tokens/s of 8 concurrent clients against one,
    and the generator replica's RSS and PSS.
 
@@ -19,7 +21,7 @@ Packages are written into the data dir's registry on first use (``ragops models 
 
 Usage::
 
-    python benchmarks/engines.py [--parts speed identity quality serve] [--prompts 10] [--json]
+    python benchmarks/engines.py [--parts speed identity batching quality serve] [--prompts 10] [--json]
 """
 
 from __future__ import annotations
@@ -155,6 +157,45 @@ def identity(gens: dict[str, Any], prompts: list[Any], tokens: int = 16) -> dict
     return {"prompts": len(prompts), "tokens": tokens, "identical": sum(same)}
 
 
+def batching(gens: dict[str, Any], prompts: list[Any], clients: int, new_tokens: int) -> dict[str, Any]:
+    """In-process: ``clients`` threads on the q8_0 generator against the same prompts one at a time.
+
+    Two prompt sets: the RAG prompts (prefill-heavy) and the bare questions (decode-bound), so
+    the share of the gain that comes from shared decode steps is visible.
+    """
+    import threading
+
+    gen = gens["llamacpp q8_0"]
+    rows = [json.loads(line) for line in (REPO / "samples/eval/answers.jsonl").read_text().splitlines() if line.strip()]
+    bare = [[{"role": "user", "content": row["question"]}] for row in rows]
+    out = {}
+    for label, batch in (("rag_prompts", prompts[:clients]), ("short_prompts", bare[:clients])):
+        opts = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+        t0 = time.perf_counter()
+        alone = [gen.generate(m, **opts) for m in batch]
+        seq_s = time.perf_counter() - t0
+        got: list[Any] = [None] * len(batch)
+
+        def run(i: int, m: Any) -> None:
+            got[i] = gen.generate(m, **opts)
+
+        steps0 = gen.batcher.steps
+        threads = [threading.Thread(target=run, args=(i, m)) for i, m in enumerate(batch)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        par_s = time.perf_counter() - t0
+        tokens = sum(r.completion_tokens for r in got)
+        out[label] = {"requests": len(batch), "prompt_tokens_p50": statistics.median(r.prompt_tokens for r in got),
+                      "sequential_tok_s": sum(r.completion_tokens for r in alone) / seq_s, "concurrent_tok_s": tokens / par_s,
+                      "gain": seq_s / par_s, "decode_calls": gen.batcher.steps - steps0, "tokens": tokens,
+                      "same_answers": sum(a.text == b.text for a, b in zip(alone, got))}  # fmt: skip
+        print(f"batching {label}: {out[label]}", flush=True)
+    return out
+
+
 def quality(data_dir: Path, paths: dict[str, Path], limit: int | None) -> dict[str, Any]:
     """``ragops eval answers`` per engine (a subprocess each, as a user runs it)."""
     data = REPO / "samples/eval/answers.jsonl"
@@ -244,8 +285,8 @@ def serve_part(data_dir: Path, questions: int, clients: int, max_tokens: int) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", type=Path, default=OUT / "engines-bench")
-    ap.add_argument("--parts", nargs="+", default=["speed", "identity", "quality", "serve"],
-                    choices=["speed", "identity", "quality", "serve"])  # fmt: skip
+    ap.add_argument("--parts", nargs="+", default=["speed", "identity", "batching", "quality", "serve"],
+                    choices=["speed", "identity", "batching", "quality", "serve"])  # fmt: skip
     ap.add_argument("--prompts", type=int, default=10, help="RAG prompts for the speed part.")
     ap.add_argument("--identity-prompts", type=int, default=20)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -259,7 +300,7 @@ def main() -> None:
     ensure_index(args.data_dir)
     paths = ensure_packages(args.data_dir)
     results: dict[str, Any] = {"machine": machine()}
-    if {"speed", "identity"} & set(args.parts):
+    if {"speed", "identity", "batching"} & set(args.parts):
         gens = variants(paths)
         prompts = rag_prompts(args.data_dir, max(args.prompts, args.identity_prompts))
         if "speed" in args.parts:
@@ -268,6 +309,8 @@ def main() -> None:
         if "identity" in args.parts:
             results["identity"] = identity(gens, prompts[: args.identity_prompts])
             print(json.dumps(results["identity"]), flush=True)
+        if "batching" in args.parts:
+            results["batching"] = batching(gens, prompts, args.clients, args.new_tokens)
         for gen in gens.values():
             gen.close()
     if "quality" in args.parts:

@@ -91,17 +91,21 @@ def test_streamed_and_whole_chat_agree(llama_app: httpx.Client) -> None:
 
 def test_concurrent_clients_are_answered_together(llama_app: httpx.Client) -> None:
     questions = ["What is MIG?", "What does MPS do?", "How does time-slicing work?", "What is a GPU?"]
-    alone = {q: llama_app.post("/v1/chat/completions", json=chat_body(q, max_tokens=8, rag={"mode": "dense"})).json()
-             for q in questions}  # fmt: skip
-    got: dict[str, dict] = {}
+    got: dict[str, httpx.Response] = {}
 
     def ask(q: str) -> None:
-        got[q] = llama_app.post("/v1/chat/completions", json=chat_body(q, max_tokens=8, rag={"mode": "dense"})).json()
+        got[q] = llama_app.post("/v1/chat/completions", json=chat_body(q, max_tokens=8, rag={"mode": "dense"}))
 
     threads = [threading.Thread(target=ask, args=(q,)) for q in questions]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=180)
-    for q in questions:  # the shared decode steps change nothing in a greedy answer
-        assert got[q]["choices"][0]["message"]["content"] == alone[q]["choices"][0]["message"]["content"]
+    # Every client is answered in full. (The answers are not compared with one-at-a-time ones:
+    # llama.cpp's kernels are not batch-invariant, so a greedy near-tie may break differently
+    # when a prompt is prefilled beside others' tokens. tests/retrieval/test_llamacpp_engine.py
+    # checks the engine's batching itself.)
+    for q in questions:
+        assert got[q].status_code == 200, got[q].text
+        body = got[q].json()
+        assert body["choices"][0]["message"]["content"].strip() and 0 < body["usage"]["completion_tokens"] <= 8
