@@ -13,7 +13,8 @@ pip install -q --upgrade pip
 pip install -q torch==2.13.0
 # llama-cpp-python ships as a source package only; it compiles llama.cpp (about 6-8 minutes
 # on 2 cores, once). Explicit kernels rather than -DGGML_NATIVE=ON (on these machines the
-# native build crashed and AVX-VNNI kernels hit illegal instructions): AVX-512 with VNNI/BF16
+# native build crashed, and AVX-VNNI and AMX kernels hit illegal instructions although
+# /proc/cpuinfo lists them): AVX-512 with VNNI/BF16
 # where /proc/cpuinfo lists them (25-30% faster prefill and 15% faster decode than AVX2
 # here), else AVX2/FMA/F16C. ggml's own thread pool instead of OpenMP: with OpenMP,
 # llama_decode called from any thread but the main one (our decode loop, every Serve replica)
