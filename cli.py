@@ -49,10 +49,17 @@ app.add_typer(config_app, name="config")
 from ragops.commands.cluster import cluster_app, job_app, kuberay_app  # noqa: E402
 from ragops.commands.models import models_app  # noqa: E402
 from ragops.commands.runs import runs_app  # noqa: E402
+from ragops.commands.llmops import ab_app, loop_command, serve_split  # noqa: E402
 from ragops.commands.serve import serve_command  # noqa: E402
 from ragops.commands.train import train_app  # noqa: E402
 
-app.command("serve")(serve_command)
+# `ragops serve` runs the server; `ragops serve split` changes a running server's traffic split.
+serve_app = typer.Typer()
+serve_app.callback(invoke_without_command=True)(serve_command)
+serve_app.command("split")(serve_split)
+app.add_typer(serve_app, name="serve")
+app.add_typer(ab_app, name="ab")
+app.command("loop")(loop_command)
 app.add_typer(train_app, name="train")
 app.add_typer(models_app, name="models")
 app.add_typer(runs_app, name="runs")
@@ -474,8 +481,7 @@ def eval_answers(
             err.print(f"recorded on artifact {r['recorded_on']}")
 
 
-#: The answer metrics `eval answers` reports, in table order.
-ANSWER_METRICS = ("exact_match", "token_f1", "answer_contains", "citation_precision")
+from ragops.llmops.evaluation import ANSWER_METRICS  # noqa: E402 - the table order `eval answers` prints
 
 
 def _answer_report(settings: Any, data: str, *, label: str, collection: str | None, **ask: Any) -> dict[str, Any]:
@@ -505,21 +511,10 @@ def _delta(before: float | None, after: float | None) -> float | None:
 
 
 def _record_eval(settings: Any, ref: str | None, report: dict[str, Any]) -> str | None:
-    """Attach answer metrics to ``ref`` when it is a registry artifact; its name, else None.
+    """Attach answer metrics to ``ref`` when it is a registry artifact (see :mod:`ragops.llmops.evaluation`)."""
+    from ragops.llmops.evaluation import record_answer_metrics
 
-    Base models and local folders are evaluated but have nowhere to record to. Token F1 is
-    recorded as ``answer_f1``, the name promotion gates use for answer quality.
-    """
-    from ragops.artifacts import Registry, looks_like_ref
-
-    if not ref or not looks_like_ref(ref):  # nothing given, or a local folder
-        return None
-    registry = Registry.from_settings(settings)
-    if not registry.has(ref):
-        return None
-    names = {"token_f1": "answer_f1"}
-    metrics = {names.get(k, k): report[k] for k in ANSWER_METRICS if report[k] is not None}
-    return registry.record_eval(ref, metrics).name
+    return record_answer_metrics(settings, ref, report)
 
 
 # -- config ------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from ragops.errors import ConfigError
 from ragops.serve.config import ServeConfig
 from ragops.finetune.config import FinetuneConfig
+from ragops.llmops.config import LoopConfig
 
 ENV_PREFIX = "RAGOPS_"
 HOME_ENV = "RAGOPS_HOME"
@@ -366,6 +367,7 @@ class Settings(StrictModel):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    loop: LoopConfig = Field(default_factory=LoopConfig)
 
     _explicit: frozenset[str] = PrivateAttr(default_factory=frozenset)
 

@@ -226,6 +226,13 @@ class ServeConfig(_Strict):
         "warning otherwise).",
     )
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed to call the API from a browser.")
+    routes: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Traffic splits: public model name → {variant: weight} (weights >= 0, summing to 1), e.g. "
+        "{ragops: {sft-v3: 0.9, ppo-v1: 0.1}}. A variant is any served name (registry artifact or alias, "
+        "configured adapter, base model). Sticky per user (OpenAI `user`, x-ragops-user header, API key). "
+        "`ragops serve split` changes a split at runtime (stored in the registry, overriding this).",
+    )
     ingress: IngressSettings = Field(default_factory=IngressSettings)
     embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
     retriever: RetrieverSettings = Field(default_factory=RetrieverSettings)
@@ -238,4 +245,15 @@ class ServeConfig(_Strict):
     def _k_range(self) -> ServeConfig:
         if self.default_k > self.max_k:
             raise ValueError(f"default_k ({self.default_k}) exceeds max_k ({self.max_k})")
+        return self
+
+    @model_validator(mode="after")
+    def _routes_valid(self) -> ServeConfig:
+        from ragops.serve.routing import check_weights
+
+        for name, weights in self.routes.items():
+            try:
+                check_weights(weights)
+            except Exception as exc:  # noqa: BLE001 - InputError, reported as a config error
+                raise ValueError(f"routes.{name}: {exc}") from None
         return self

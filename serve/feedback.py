@@ -4,12 +4,16 @@ Two append-only JSONL files under ``<data_dir>/feedback/`` (``serve.feedback_dir
 
 * ``requests.jsonl``: one line per answered chat request, written when the answer is
   complete: ``{request_id, question, passages: [{n, doc_id, chunk_id, source, score, text}],
-  answer, model, requested_model, rag, citations, usage, finish_reason, reader, created}``,
+  answer, model, requested_model, variant, status, latency_s, rag, citations, usage,
+  finish_reason, reader, created}``,
   where ``model`` is what answered (the registry artifact an alias pointed at, a configured
-  adapter's name, or the base model) and ``requested_model`` what the client asked for;
+  adapter's name, or the base model), ``requested_model`` what the client asked for and
+  ``variant`` the traffic split's pick (:mod:`ragops.serve.routing`; without a split, what
+  answered). A routed request that failed is logged too, with ``status: "error"`` and
+  ``error: {status, code}`` (the A/B report's error rate); feedback on it is refused;
 * ``feedback.jsonl``: one line per feedback, joined with its request:
-  ``{request_id, question, passages, answer, model, rating, comment, preferred_answer,
-  created}`` (what the fine-tuning code reads; several feedbacks for one request are all
+  ``{request_id, question, passages, answer, model, requested_model, variant, rating, comment,
+  preferred_answer, created}`` (what the fine-tuning code reads; several feedbacks for one request are all
   kept, the latest wins).
 
 Every append is one ``write`` of a whole line under an exclusive ``flock`` (several ingress
@@ -103,6 +107,8 @@ class FeedbackStore:
             raise ValueError("a request record needs a request_id")
         record = {"created": int(time.time()), **record}
         append_jsonl(self.requests_path, record)
+        if record.get("status", "ok") != "ok":
+            return  # a failed request: nothing to give feedback on
         with self._lock:
             self._recent[record["request_id"]] = record
             self._recent.move_to_end(record["request_id"])
@@ -125,7 +131,7 @@ class FeedbackStore:
                 record = json.loads(line)
             except ValueError:
                 continue  # a torn last line after a crash
-            if record.get("request_id") == request_id:
+            if record.get("request_id") == request_id and record.get("status", "ok") == "ok":
                 return record
         return None
 
@@ -151,6 +157,8 @@ class FeedbackStore:
             "passages": req.get("passages", []),
             "answer": req.get("answer"),
             "model": req.get("model"),
+            "requested_model": req.get("requested_model"),
+            "variant": req.get("variant") or req.get("model"),
             "rating": rating,
             "comment": comment,
             "preferred_answer": preferred_answer,

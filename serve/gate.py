@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 #: The endpoints metrics and traces name; any other path is counted as ``other``.
 ROUTES = (
     "/", "/healthz", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/search", "/v1/embeddings",
-    "/v1/feedback", "/v1/admin/reload",
+    "/v1/feedback", "/v1/admin/reload", "/v1/admin/routes",
 )  # fmt: skip
 _REJECTION_REASON = {400: "invalid", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "invalid",
                      413: "too_large", 503: "overloaded", 504: "timeout"}  # fmt: skip
@@ -66,8 +66,10 @@ class GateMiddleware:
         finally:
             inflight.dec()
             code = status["code"]
-            m.requests.labels(endpoint, scope.get("method", ""), str(code)).inc()
-            m.latency.labels(endpoint).observe(time.perf_counter() - started)
+            # The chat handler names the variant that answered in the scope's state.
+            variant = str((scope.get("state") or {}).get("variant") or "")
+            m.requests.labels(endpoint, scope.get("method", ""), str(code), variant).inc()
+            m.latency.labels(endpoint, variant).observe(time.perf_counter() - started)
             if code in _REJECTION_REASON:
                 m.rejections.labels(_REJECTION_REASON[code]).inc()
 

@@ -11,6 +11,12 @@ Endpoints (``/v1/*`` need an API key when keys are configured; ``/v1/admin/*`` a
 * ``GET /v1/models``: base model, adapters, embedding model.
 * ``POST /v1/feedback``: thumbs up/down (+ comment, preferred answer) on a logged request.
 * ``POST /v1/admin/reload``: reopen the vector store.
+* ``GET|POST /v1/admin/routes``: the traffic splits; ``{name, weights | null, note}`` changes
+  one at runtime (validated; stored in the registry, so every replica follows).
+
+A chat request for a split name is answered by one of its variants (sticky per user: the
+OpenAI ``user``, else ``x-ragops-user``, else the API key), named in the ``x-ragops-variant``
+header, the ``variant`` field and the request log (:mod:`ragops.serve.routing`).
 * ``GET /healthz`` (200/503 JSON), ``GET /metrics`` (Prometheus), ``GET /`` (chat page).
 
 Chat history: the question is the last user message; retrieval always uses it alone (a
@@ -53,7 +59,7 @@ from ragops.retrieval.rag import reader_name
 from ragops.serve import openai_format as fmt
 from ragops.tracking import telemetry
 from ragops.serve.answering import AnswerRequest
-from ragops.serve.auth import ApiKeys
+from ragops.serve.auth import ApiKeys, bearer_token
 from ragops.serve.backend import Deadline
 from ragops.serve.errors import APIError, bad_request, model_not_found
 from ragops.serve.feedback import FeedbackStore
@@ -61,12 +67,16 @@ from ragops.serve.gate import ROUTES, GateMiddleware
 from ragops.serve.metrics import ServeMetrics
 from ragops.serve.models import ModelCatalog
 from ragops.serve.tracing import TracingMiddleware, annotate
-from ragops.serve.schemas import ChatCompletionRequest, EmbeddingsRequest, FeedbackBody, SearchBody
+from ragops.serve.schemas import ChatCompletionRequest, EmbeddingsRequest, FeedbackBody, RouteBody, SearchBody
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 TIMEOUT_HEADER = "x-request-timeout"
+#: The variant that answered a chat request (also the ``variant`` field of the response).
+VARIANT_HEADER = "x-ragops-variant"
+#: Who a traffic split keeps sticky when the request has no OpenAI ``user``.
+USER_HEADER = "x-ragops-user"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
@@ -256,9 +266,9 @@ def create_app(ctx: IngressContext) -> FastAPI:
         app.add_middleware(TracingMiddleware, routes=ROUTES)
     page, csp = chat_page()
 
-    async def resolve_model(name: str) -> str:
+    async def route_model(name: str, user: str | None) -> tuple[str, str]:
         try:
-            return await asyncio.to_thread(ctx.catalog.resolve_chat_model, name)
+            return await asyncio.to_thread(ctx.catalog.route, name, user)
         except ModelNotFoundError:
             raise model_not_found(name) from None
 
@@ -267,56 +277,25 @@ def create_app(ctx: IngressContext) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         rid, id_headers = _request_id(request)
         created = int(time.time())
+        started = time.perf_counter()
         deadline = _deadline(request, settings)
-        model_id = await resolve_model(body.model)
-        # The variant is what answers: the artifact the requested name resolved to, or the base model.
+        model_id, variant = await route_model(body.model, _user_of(body, request))
+        # The gate labels this request's metrics with the variant (request.state is the scope's).
+        request.state.variant = variant
+        id_headers = {**id_headers, VARIANT_HEADER: variant}
         annotate(request.state, {"ragops.request_id": rid, "gen_ai.request.model": body.model,
-                                 "ragops.variant": model_id or settings.generator.model, "ragops.stream": body.stream})  # fmt: skip
-        limit = body.token_limit
-        if limit is not None and limit > sc.max_tokens_limit:
-            raise bad_request(f"'max_tokens' must be at most {sc.max_tokens_limit}", param="max_tokens")
-        if body.min_tokens is not None and body.min_tokens > min(limit or sc.max_tokens_limit, sc.max_tokens_limit):
-            raise bad_request("'min_tokens' exceeds the token limit of the answer", param="min_tokens")
-        rag = body.rag
-        params = {
-            "k": _check_k(rag.k if rag else None, settings, "rag.k") or sc.default_k,
-            "mode": rag.mode if rag else None,
-            "filters": _filters(rag.filters if rag else None, "rag.filters"),
-        }
-        question = body.question
-        t0 = time.perf_counter()
-        encoded = await ctx.backend.encode_query(question, deadline=deadline)
-        ctx.metrics.embed_seconds.observe(time.perf_counter() - t0)
-        search = await ctx.backend.retrieve(question, encoded, params, deadline=deadline)
-        ctx.metrics.observe_search(search.timings)
-        areq = AnswerRequest(
-            question=reader_question(body, sc.history_turns),
-            search=search,
-            # A requested adapter must write the answer: with the extractive default it reads with stuff.
-            reader=reader_name(settings, rag.reader if rag else None, model_chosen=bool(model_id)),
-            gen={
-                "max_new_tokens": limit,
-                "temperature": body.temperature,
-                "top_p": body.top_p,
-                "stop": body.stop_list,
-                "seed": body.seed,
-                "min_new_tokens": body.min_tokens,
-            },
-        )
+                                 "ragops.variant": variant, "ragops.stream": body.stream})  # fmt: skip
         # `model` in the log is what answered (the artifact an alias pointed at, or the base
-        # model): feedback must stay attributable after an alias moves.
+        # model): feedback must stay attributable after an alias moves. `variant` is the
+        # split's name for it (the A/B report groups by it).
         served = model_id or settings.generator.model
-        record = {"request_id": rid, "question": question, "model": served, "requested_model": body.model, "rag": params}
-        if trace := telemetry.trace_id():
-            record["trace_id"] = trace  # from a feedback record to the answer's trace
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return await _stream(ctx, areq, model_id, deadline, rid, created, body.model, record, include_usage, id_headers)
-        answer = await ctx.backend.answer(areq, model_id, deadline=deadline)
-        if "error" in answer:
-            raise APIError.from_dict(answer["error"])
-        await _log_answer(ctx, record, answer)
-        return JSONResponse(fmt.chat_completion(rid, body.model, created, answer), headers=id_headers)
+        record: dict[str, Any] = {"request_id": rid, "model": served, "requested_model": body.model, "variant": variant}
+        try:
+            return await _chat(ctx, body, rid, created, started, deadline, model_id, record, id_headers)
+        except APIError as err:
+            await _log_failure(ctx, record, err, started)
+            err.headers = {**(err.headers or {}), VARIANT_HEADER: variant}
+            raise
 
     # -- retrieval and embeddings ----------------------------------------------------
     @app.post("/v1/search")
@@ -370,7 +349,7 @@ def create_app(ctx: IngressContext) -> FastAPI:
         if record is None:
             raise APIError(404, f"no answered request with id '{body.request_id}'", code="request_not_found",
                            param="request_id")  # fmt: skip
-        ctx.metrics.feedback.labels(body.rating).inc()
+        ctx.metrics.feedback.labels(body.rating, str(record.get("variant") or record.get("model") or "")).inc()
         return JSONResponse({"object": "feedback", "request_id": body.request_id, "rating": body.rating, "stored": True})
 
     # -- admin -----------------------------------------------------------------------
@@ -378,6 +357,19 @@ def create_app(ctx: IngressContext) -> FastAPI:
     async def reload(request: Request) -> Response:
         result = await ctx.backend.reload(deadline=_deadline(request, settings))
         return JSONResponse({"object": "reload", **result})
+
+    @app.get("/v1/admin/routes")
+    async def get_routes() -> Response:
+        routes = await asyncio.to_thread(ctx.catalog.routes, fresh=True)
+        return JSONResponse({"object": "routes", "routes": routes})
+
+    @app.post("/v1/admin/routes")
+    async def set_route(body: RouteBody) -> Response:
+        try:
+            result = await asyncio.to_thread(ctx.catalog.set_route, body.name, body.weights, by="api", note=body.note)
+        except InputError as exc:
+            raise bad_request(str(exc), param="weights", code="invalid_weights") from None
+        return JSONResponse({"object": "route", **result})
 
     # -- operations ------------------------------------------------------------------
     @app.get("/healthz")
@@ -396,10 +388,81 @@ def create_app(ctx: IngressContext) -> FastAPI:
     return app
 
 
-async def _log_answer(ctx: IngressContext, record: dict[str, Any], answer: dict[str, Any]) -> None:
+async def _chat(
+    ctx: IngressContext,
+    body: ChatCompletionRequest,
+    rid: str,
+    created: int,
+    started: float,
+    deadline: Deadline,
+    model_id: str,
+    record: dict[str, Any],
+    id_headers: dict[str, str],
+) -> Response:
+    """Answer one routed chat request: retrieve, then generate (whole or streamed)."""
+    settings = ctx.settings
+    sc = settings.serve
+    limit = body.token_limit
+    if limit is not None and limit > sc.max_tokens_limit:
+        raise bad_request(f"'max_tokens' must be at most {sc.max_tokens_limit}", param="max_tokens")
+    if body.min_tokens is not None and body.min_tokens > min(limit or sc.max_tokens_limit, sc.max_tokens_limit):
+        raise bad_request("'min_tokens' exceeds the token limit of the answer", param="min_tokens")
+    rag = body.rag
+    params = {
+        "k": _check_k(rag.k if rag else None, settings, "rag.k") or sc.default_k,
+        "mode": rag.mode if rag else None,
+        "filters": _filters(rag.filters if rag else None, "rag.filters"),
+    }
+    question = body.question
+    record.update(question=question, rag=params)
+    if trace := telemetry.trace_id():
+        record["trace_id"] = trace  # from a feedback record to the answer's trace
+    t0 = time.perf_counter()
+    encoded = await ctx.backend.encode_query(question, deadline=deadline)
+    ctx.metrics.embed_seconds.observe(time.perf_counter() - t0)
+    search = await ctx.backend.retrieve(question, encoded, params, deadline=deadline)
+    ctx.metrics.observe_search(search.timings)
+    areq = AnswerRequest(
+        question=reader_question(body, sc.history_turns),
+        search=search,
+        # A requested adapter must write the answer: with the extractive default it reads with stuff.
+        reader=reader_name(settings, rag.reader if rag else None, model_chosen=bool(model_id)),
+        gen={
+            "max_new_tokens": limit,
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "stop": body.stop_list,
+            "seed": body.seed,
+            "min_new_tokens": body.min_tokens,
+        },
+    )
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return await _stream(ctx, areq, model_id, deadline, rid, created, body.model, record, include_usage, id_headers, started)
+    answer = await ctx.backend.answer(areq, model_id, deadline=deadline)
+    if "error" in answer:
+        raise APIError.from_dict(answer["error"])
+    await _log_answer(ctx, record, answer, started)
+    return JSONResponse(fmt.chat_completion(rid, body.model, created, answer, variant=record["variant"]), headers=id_headers)
+
+
+def _user_of(body: ChatCompletionRequest, request: Request) -> str | None:
+    """Who the split keeps sticky: the OpenAI ``user``, else ``x-ragops-user``, else the API key."""
+    if body.user:
+        return body.user
+    if header := request.headers.get(USER_HEADER):
+        return header[:512]
+    token = bearer_token(request.headers.get("authorization"))
+    # The key's digest, never the key: the same key is the same user, nothing secret is kept.
+    return f"key:{hashlib.sha256(token.encode()).hexdigest()[:16]}" if token else None
+
+
+async def _log_answer(ctx: IngressContext, record: dict[str, Any], answer: dict[str, Any], started: float) -> None:
     """Write the request log line (before the client can send feedback on it) and metrics."""
     full = {
         **record,
+        "status": "ok",
+        "latency_s": round(time.perf_counter() - started, 4),
         "passages": answer.get("passages", []),
         "answer": answer.get("answer", ""),
         "citations": answer.get("citations", []),
@@ -409,10 +472,20 @@ async def _log_answer(ctx: IngressContext, record: dict[str, Any], answer: dict[
         "grounded": answer.get("grounded"),
         "abstained": answer.get("abstained", False),
     }
-    ctx.metrics.observe_answer(record["requested_model"], answer)
+    ctx.metrics.observe_answer(record["requested_model"], answer, variant=record["variant"])
     try:
         await asyncio.to_thread(ctx.feedback.log_request, full)
     except OSError as exc:  # the answer is still good; feedback on it will 404
+        log.error("could not write the request log: %s", exc)
+
+
+async def _log_failure(ctx: IngressContext, record: dict[str, Any], err: APIError, started: float) -> None:
+    """Log a routed request that failed (the A/B report's error rate); feedback on it stays a 404."""
+    full = {**record, "status": "error", "error": {"status": err.status, "code": err.code},
+            "latency_s": round(time.perf_counter() - started, 4)}  # fmt: skip
+    try:
+        await asyncio.to_thread(ctx.feedback.log_request, full)
+    except OSError as exc:
         log.error("could not write the request log: %s", exc)
 
 
@@ -427,6 +500,7 @@ async def _stream(
     record: dict[str, Any],
     include_usage: bool,
     id_headers: dict[str, str],
+    started: float,
 ) -> Response:
     items = ctx.backend.answer_stream(areq, model_id, deadline=deadline)
     # The first item is awaited before any byte is sent, so an overload, a timeout or a bad
@@ -448,18 +522,23 @@ async def _stream(
                     yield fmt.sse(fmt.chunk(rid, model, created, {"content": item["delta"]}))
                 elif "final" in item:
                     answer = item["final"]
-                    await _log_answer(ctx, record, answer)
-                    yield fmt.sse(fmt.final_chunk(rid, model, created, answer))
+                    await _log_answer(ctx, record, answer, started)
+                    yield fmt.sse(fmt.final_chunk(rid, model, created, answer, variant=record["variant"]))
                     if include_usage:
                         yield fmt.sse(fmt.usage_chunk(rid, model, created, answer))
                     break
                 elif "error" in item:
-                    yield fmt.sse(APIError.from_dict(item["error"]).body())
+                    failed = APIError.from_dict(item["error"])
+                    await _log_failure(ctx, record, failed, started)
+                    yield fmt.sse(failed.body())
                     break
                 item = await items.__anext__()
         except StopAsyncIteration:
-            yield fmt.sse(APIError(500, "the answer stream ended early", type="server_error").body())
+            failed = APIError(500, "the answer stream ended early", type="server_error")
+            await _log_failure(ctx, record, failed, started)
+            yield fmt.sse(failed.body())
         except APIError as err:  # e.g. the time limit passed mid-answer: the status is sent already
+            await _log_failure(ctx, record, err, started)
             yield fmt.sse(err.body())
         finally:
             await items.aclose()

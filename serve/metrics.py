@@ -16,6 +16,10 @@ decodes ``max_batch_size`` at a time (its scheduler merges the rest into the nex
 is the whole picture; with several, each scrape through the proxy reaches one replica, so on a
 cluster scrape Ray's own metrics endpoint on every node instead (Ray Serve's built-in
 ``ray_serve_*`` series: requests, latency, queue lengths, replicas per deployment).
+
+A/B splits: chat requests, their latency, tokens, generation timings and feedback carry a
+``variant`` label (the split's pick, or what answered; ``""`` on other endpoints), so a
+dashboard compares variants with ``sum by (variant)``.
 """
 
 from __future__ import annotations
@@ -44,11 +48,12 @@ class ServeMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "ragops_http_requests", "HTTP requests by endpoint, method and status.", ["endpoint", "method", "status"], registry=r
+            "ragops_http_requests", "HTTP requests by endpoint, method, status and variant (chat: the split's pick).",
+            ["endpoint", "method", "status", "variant"], registry=r
         )
         self.latency = Histogram(
             "ragops_http_request_duration_seconds", "Time from request to the last byte of the response.",
-            ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r,
+            ["endpoint", "variant"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.inflight = Gauge("ragops_http_inflight_requests", "Requests being answered, per endpoint.", ["endpoint"], registry=r)
         self.downstream_inflight = Gauge(
@@ -65,8 +70,10 @@ class ServeMetrics:
         self.rejections = Counter(
             "ragops_rejections", "Requests refused: auth, invalid, too_large, not_found, overloaded, timeout.", ["reason"], registry=r
         )
-        self.completion_tokens = Counter("ragops_completion_tokens", "Tokens generated.", ["model"], registry=r)
-        self.prompt_tokens = Counter("ragops_prompt_tokens", "Prompt tokens read by the generator.", ["model"], registry=r)
+        self.completion_tokens = Counter("ragops_completion_tokens", "Tokens generated.", ["model", "variant"], registry=r)
+        self.prompt_tokens = Counter(
+            "ragops_prompt_tokens", "Prompt tokens read by the generator.", ["model", "variant"], registry=r
+        )
         self.retrieval_seconds = Histogram(
             "ragops_retrieval_duration_seconds", "Search time in the retriever (encode excluded).",
             buckets=_FAST_BUCKETS, registry=r,
@@ -81,12 +88,12 @@ class ServeMetrics:
         )  # fmt: skip
         self.ttft_seconds = Histogram(
             "ragops_time_to_first_token_seconds", "Generator time to first token (prefill included).",
-            buckets=_LATENCY_BUCKETS, registry=r,
+            ["variant"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.generation_seconds = Histogram(
-            "ragops_generation_duration_seconds", "Generator time per answer.", buckets=_LATENCY_BUCKETS, registry=r
+            "ragops_generation_duration_seconds", "Generator time per answer.", ["variant"], buckets=_LATENCY_BUCKETS, registry=r
         )
-        self.feedback = Counter("ragops_feedback", "Feedback received by rating.", ["rating"], registry=r)
+        self.feedback = Counter("ragops_feedback", "Feedback received by rating and the variant rated.", ["rating", "variant"], registry=r)
         self.batch_size = Histogram(
             "ragops_generator_batch_size", "Answers decoded together in one generator batch (whole answers).",
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32), registry=r,
@@ -102,15 +109,15 @@ class ServeMetrics:
         if "rerank_s" in timings:
             self.rerank_seconds.observe(float(timings["rerank_s"]))
 
-    def observe_answer(self, model: str, answer: dict) -> None:
-        """Record what a generator answer reports (tokens, timings)."""
+    def observe_answer(self, model: str, answer: dict, *, variant: str = "") -> None:
+        """Record what a generator answer reports (tokens, timings), labelled with its variant."""
         u = answer.get("usage") or {}
-        self.completion_tokens.labels(model).inc(int(u.get("completion_tokens", 0)))
-        self.prompt_tokens.labels(model).inc(int(u.get("prompt_tokens", 0)))
+        self.completion_tokens.labels(model, variant).inc(int(u.get("completion_tokens", 0)))
+        self.prompt_tokens.labels(model, variant).inc(int(u.get("prompt_tokens", 0)))
         t = answer.get("timings") or {}
         if "time_to_first_token_s" in t:
-            self.ttft_seconds.observe(float(t["time_to_first_token_s"]))
+            self.ttft_seconds.labels(variant).observe(float(t["time_to_first_token_s"]))
         if "generate_s" in t:
-            self.generation_seconds.observe(float(t["generate_s"]))
+            self.generation_seconds.labels(variant).observe(float(t["generate_s"]))
         if "batch_size" in answer:
             self.batch_size.observe(int(answer["batch_size"]))

@@ -14,6 +14,9 @@
   it was trained on (an adapter merged into another base would produce garbage).
 * A name that looks like a filesystem path is never resolved from a request (a client could
   otherwise load arbitrary folders); list it under ``serve.generator.adapters`` instead.
+* A name with a traffic split (``serve.routes`` or the registry's stored routes, see
+  :mod:`ragops.serve.routing`) first picks its variant for the user, then resolves that
+  variant as above. Stored routes are re-read every :data:`ALIAS_TTL_S` seconds.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from ragops.config import GeneratorConfig, Settings
-from ragops.errors import ModelNotFoundError
+from ragops.errors import InputError, ModelNotFoundError
+from ragops.serve.routing import RouteStore, assign, check_weights
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,7 @@ class ModelCatalog:
         self.base_names = {settings.serve.model_name, settings.generator.model}
         self.embedding_names = {settings.serve.embedding_model_name, settings.embedder.model}
         self._resolved: dict[str, tuple[float, str | None]] = {}
+        self._routes: tuple[float, dict[str, dict[str, float]]] | None = None
         self._lock = threading.Lock()
 
     def _registry(self) -> Any:
@@ -103,6 +108,90 @@ class ModelCatalog:
         if artifact is None:
             raise ModelNotFoundError(f"model '{name}' is not served")
         return artifact
+
+    # -- traffic splits ----------------------------------------------------------------
+
+    def route_store(self) -> RouteStore | None:
+        """The registry's stored routes (None when the registry module is not installed)."""
+        registry = self._registry()
+        return RouteStore(registry.storage) if registry is not None else None
+
+    def routes(self, *, fresh: bool = False) -> dict[str, dict[str, float]]:
+        """Effective splits: ``serve.routes`` overlaid with the registry's stored routes.
+
+        A registry that cannot be read keeps the last routes seen (the config's at first):
+        a storage hiccup must not move users between variants.
+        """
+        now = time.monotonic()
+        with self._lock:
+            cached = self._routes
+        if cached is not None and not fresh and now - cached[0] < ALIAS_TTL_S:
+            return cached[1]
+        routes = {k: dict(v) for k, v in self.settings.serve.routes.items()}
+        try:
+            store = self.route_store()
+            if store is not None:
+                routes.update(store.weights())
+        except Exception as exc:  # noqa: BLE001
+            log.warning("reading the stored routes failed: %s", exc)
+            if cached is not None:
+                routes = cached[1]
+        with self._lock:
+            self._routes = (now, routes)
+        return routes
+
+    def route(self, name: str, user: str | None) -> tuple[str, str]:
+        """The multiplexed model id and the variant that answer ``name`` for ``user``.
+
+        Without a split the variant is what answers: the artifact the name resolves to, a
+        configured adapter's name, or the base model.
+
+        Raises:
+            ModelNotFoundError: the name (or the variant its split picked) is not served.
+        """
+        weights = self.routes().get(name)
+        if weights:
+            variant = assign(name, weights, user)
+            return self.resolve_chat_model(variant), variant
+        model_id = self.resolve_chat_model(name)
+        return model_id, model_id or self.settings.generator.model
+
+    def is_served(self, name: str) -> bool:
+        """Whether ``name`` resolves to a chat model now (no cached answer is used)."""
+        with self._lock:
+            self._resolved.pop(name, None)
+        try:
+            self.resolve_chat_model(name)
+            return True
+        except ModelNotFoundError:
+            return False
+
+    def set_route(self, name: str, weights: dict[str, float] | None, *, by: str, note: str | None = None) -> dict[str, Any]:
+        """Change the split of ``name`` at runtime (None clears the stored split).
+
+        Each variant must be served and must not itself be split (a split of splits would
+        make stickiness and reports meaningless).
+
+        Raises:
+            InputError: bad weights, an unknown or split variant, or no registry to store in.
+        """
+        store = self.route_store()
+        if store is None:
+            raise InputError("runtime splits are stored in the registry, which is not installed here")
+        if weights is None:
+            old = store.clear(name, by=by, note=note)
+        else:
+            clean = check_weights(weights, known=self.is_served)
+            # A variant named like the route itself is its unsplit meaning (e.g. alias prod in
+            # prod's own split); another split name would silently bypass that split.
+            routed = [v for v in clean if v in self.routes(fresh=True) and v != name]
+            if routed:
+                raise InputError(f"variant(s) {', '.join(routed)} are split themselves; a variant must be one model")
+            old = store.weights().get(name)
+            store.set(name, clean, by=by, note=note)
+        effective = self.routes(fresh=True)
+        return {"name": name, "weights": effective.get(name), "previous": old,
+                "source": "registry" if name in store.weights() else "config" if name in effective else None}  # fmt: skip
 
     def generator_config(self, model_id: str) -> GeneratorConfig:
         """The generator settings of a multiplexed model id: adapter and the base it needs."""

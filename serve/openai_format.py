@@ -43,8 +43,11 @@ def _extension(answer: dict[str, Any]) -> dict[str, Any]:
     return ext
 
 
-def chat_completion(request_id: str, model: str, created: int, answer: dict[str, Any]) -> dict[str, Any]:
-    """A ``chat.completion`` object from a generator answer (``Answer.to_dict`` plus extras)."""
+def chat_completion(request_id: str, model: str, created: int, answer: dict[str, Any], *, variant: str | None = None) -> dict[str, Any]:
+    """A ``chat.completion`` object from a generator answer (``Answer.to_dict`` plus extras).
+
+    ``variant`` (the traffic split's pick, or what answered) goes next to ``citations``.
+    """
     u = answer.get("usage") or {}
     return {
         "id": request_id,
@@ -62,6 +65,7 @@ def chat_completion(request_id: str, model: str, created: int, answer: dict[str,
         ],
         "usage": usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0)),
         "citations": answer.get("citations", []),
+        "variant": variant,
         "grounded": answer.get("grounded"),
         "ragops": _extension(answer),
     }
@@ -87,10 +91,10 @@ def chunk(
     }
 
 
-def final_chunk(request_id: str, model: str, created: int, answer: dict[str, Any]) -> dict[str, Any]:
-    """The last content chunk: empty delta, finish reason, citations."""
+def final_chunk(request_id: str, model: str, created: int, answer: dict[str, Any], *, variant: str | None = None) -> dict[str, Any]:
+    """The last content chunk: empty delta, finish reason, citations, variant."""
     return chunk(request_id, model, created, {}, answer.get("finish_reason", "stop"),
-                 citations=answer.get("citations", []), grounded=answer.get("grounded"),
+                 citations=answer.get("citations", []), variant=variant, grounded=answer.get("grounded"),
                  ragops=_extension(answer))  # fmt: skip
 
 

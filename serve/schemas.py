@@ -249,3 +249,11 @@ class FeedbackBody(_Request):
     rating: Literal["up", "down"]
     comment: str | None = Field(None, max_length=10_000)
     preferred_answer: str | None = Field(None, max_length=50_000)
+
+
+class RouteBody(_Request):
+    """``POST /v1/admin/routes``: set (or with ``weights: null`` clear) the split of one name."""
+
+    name: str = Field(min_length=1, max_length=200)
+    weights: dict[str, float] | None = Field(description="Variant → weight (>= 0, summing to 1); null clears the stored split.")
+    note: str | None = Field(None, max_length=1000)

@@ -1,6 +1,7 @@
 """``ragops serve``: run the OpenAI-compatible RAG endpoint on Ray Serve (blocking).
 
-Registered by the CLI as ``app.command("serve")(serve_command)``. The command checks what it
+Registered by the CLI as the callback of the ``serve`` group (``ragops serve`` runs it;
+``ragops serve split`` is :func:`ragops.commands.llmops.serve_split`). The command checks what it
 can before starting anything (bind policy, deployment topology, models, the collection, the
 port), starts or joins Ray, deploys :func:`ragops.serve.app.build_application`, prints the URL
 and waits; Ctrl-C (or SIGTERM) shuts Serve down cleanly.
@@ -96,6 +97,7 @@ def _startup_error(exc: Exception, app_name: str) -> RagopsError:
 
 @handle_errors
 def serve_command(
+    ctx: typer.Context,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     data_dir: DataDirOpt = None,
@@ -114,7 +116,10 @@ def serve_command(
     and limits are the serve.* settings (see `ragops config show`); each deployment's
     min_replicas must fit the cluster (checked before starting). Blocks until Ctrl-C.
     --json prints {"url", "app", "auth"} once the application is up.
+    `ragops serve split NAME --weights ...` changes a running server's traffic split.
     """
+    if ctx.invoked_subcommand is not None:
+        return  # `ragops serve split ...`: the sub-command does the work
     from ragops.serve.app import APP_NAME, build_application, check_topology
     from ragops.serve.auth import ApiKeys, check_bind
 
