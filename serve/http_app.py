@@ -105,6 +105,8 @@ class IngressContext:
         metrics: This replica's metrics.
         feedback: Request log and feedback store.
         catalog: Served model names.
+        running_replicas: Returns ``{deployment: running replicas}`` (0 when scaled to zero);
+            None outside Ray.
         deployment_status: Returns ``{deployment: status}`` as Ray Serve reports it (health
             of replicas, models loaded); None outside Ray.
     """
@@ -116,6 +118,7 @@ class IngressContext:
     feedback: FeedbackStore
     catalog: ModelCatalog
     deployment_status: Callable[[], Awaitable[dict[str, str]]] | None = None
+    running_replicas: Callable[[], Awaitable[dict[str, int]]] | None = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -548,26 +551,49 @@ async def _stream(
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
+#: Deployment states that serve requests (scaling changes the replica count, not the service).
+_SERVING_STATES = ("HEALTHY", "UPSCALING", "DOWNSCALING")
+#: Ray Serve deployment names /healthz would otherwise call into.
+_RETRIEVER, _GENERATOR = "Retriever", "Generator"
+
+
 async def _health(ctx: IngressContext) -> Response:
+    """Health without waking anything: a deployment scaled to zero is reported, not called.
+
+    (Calling a deployment at zero replicas would start one: a probe every few seconds would
+    keep a scale-to-zero deployment up forever.)
+    """
     checks: dict[str, Any] = {}
     ok = True
+    running: dict[str, int] = {}
     if ctx.deployment_status is not None:
         try:
             statuses = await asyncio.wait_for(ctx.deployment_status(), 5.0)
+            if ctx.running_replicas is not None:
+                running = await asyncio.wait_for(ctx.running_replicas(), 5.0)
         except Exception as exc:  # noqa: BLE001 - health must answer, not fail
             statuses, ok = {}, False
             checks["deployments_error"] = type(exc).__name__
         checks["deployments"] = statuses
-        ok = ok and bool(statuses) and all(s == "HEALTHY" for s in statuses.values())
-    try:
-        store = await ctx.backend.retriever_health(deadline=Deadline(5.0))
-    except APIError as err:
-        store = {"ok": False, "error": err.message}
+        if running:
+            checks["replicas"] = running
+        ok = ok and bool(statuses) and all(s in _SERVING_STATES for s in statuses.values())
+    asleep = "scaled to zero: the next request starts a replica (cold start)"
+    if running.get(_RETRIEVER) == 0:
+        store: dict[str, Any] = {"ok": True, "replicas": 0, "state": asleep}
+    else:
+        try:
+            store = await ctx.backend.retriever_health(deadline=Deadline(5.0))
+        except APIError as err:
+            store = {"ok": False, "error": err.message}
     checks["vectorstore"] = store
     ok = ok and bool(store.get("ok"))
-    try:
-        # Which engine decodes (and why): informational, never a reason to report unhealthy.
-        checks["generator"] = await ctx.backend.generator_info(deadline=Deadline(5.0))
-    except APIError as err:
-        checks["generator"] = {"error": err.message}
+    if running.get(_GENERATOR) == 0:
+        checks["generator"] = {"replicas": 0, "state": asleep}
+    else:
+        try:
+            # Which engine decodes (and why): informational, never a reason to report unhealthy.
+            checks["generator"] = await ctx.backend.generator_info(deadline=Deadline(5.0))
+        except APIError as err:
+            checks["generator"] = {"error": err.message}
     return JSONResponse({"status": "ok" if ok else "unavailable", **checks}, status_code=200 if ok else 503)

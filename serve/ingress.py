@@ -50,7 +50,7 @@ class Ingress:
     ) -> None:
         self.settings = replica_settings(settings)
         metrics = ServeMetrics()
-        self._status: tuple[float, dict[str, str]] = (0.0, {})
+        self._status: tuple[float, dict[str, str], dict[str, int]] = (0.0, {}, {})
         self.ctx = IngressContext(
             settings=self.settings,
             keys=keys,
@@ -62,23 +62,36 @@ class Ingress:
             feedback=FeedbackStore(feedback_dir(self.settings)),
             catalog=ModelCatalog(self.settings),
             deployment_status=self._deployment_status,
+            running_replicas=self._running_replicas,
         )
 
-    async def _deployment_status(self) -> dict[str, str]:
-        at, cached = self._status
+    async def _fetch_status(self) -> tuple[dict[str, str], dict[str, int]]:
+        at, cached, running = self._status
         if time.monotonic() - at < STATUS_TTL_S and cached:
-            return cached
+            return cached, running
 
-        def fetch() -> dict[str, str]:
+        def fetch() -> tuple[dict[str, str], dict[str, int]]:
             app = serve.get_replica_context().app_name
             st = serve.status().applications.get(app)
             if st is None:
-                return {}
-            return {name: str(getattr(d.status, "value", d.status)) for name, d in st.deployments.items()}
+                return {}, {}
+            statuses = {name: str(getattr(d.status, "value", d.status)) for name, d in st.deployments.items()}
+            counts = {
+                name: sum(n for state, n in d.replica_states.items() if str(getattr(state, "value", state)) == "RUNNING")
+                for name, d in st.deployments.items()
+            }
+            return statuses, counts
 
-        statuses = await asyncio.to_thread(fetch)
-        self._status = (time.monotonic(), statuses)
-        return statuses
+        statuses, running = await asyncio.to_thread(fetch)
+        self._status = (time.monotonic(), statuses, running)
+        return statuses, running
+
+    async def _deployment_status(self) -> dict[str, str]:
+        return (await self._fetch_status())[0]
+
+    async def _running_replicas(self) -> dict[str, int]:
+        """Running replicas per deployment (0: scaled to zero, or still starting)."""
+        return (await self._fetch_status())[1]
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.ctx)

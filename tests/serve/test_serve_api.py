@@ -148,8 +148,9 @@ def test_feedback_roundtrip(api: httpx.Client, served: Served) -> None:
     assert fb.status_code == 200 and fb.json()["stored"] is True
     record = [x for x in _feedback_lines(served, "feedback.jsonl") if x["request_id"] == rid][-1]
     # trace_id: the test app traces (see conftest), so the answer's trace is kept with the feedback.
-    assert set(record) == {"request_id", "question", "passages", "answer", "model", "rating", "comment",
-                           "preferred_answer", "created", "trace_id"}  # fmt: skip
+    assert set(record) == {"request_id", "question", "passages", "answer", "model", "requested_model", "variant",
+                           "rating", "comment", "preferred_answer", "created", "trace_id"}  # fmt: skip
+    assert record["variant"] == record["model"]  # no split: the variant is what answered
     assert len(record["trace_id"]) == 32 and int(record["trace_id"], 16)
     assert record["question"] == "What is time-slicing?" and record["rating"] == "down"
     assert record["answer"] == r.json()["choices"][0]["message"]["content"]

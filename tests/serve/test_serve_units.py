@@ -123,9 +123,19 @@ def test_feedback_joins_the_request_log(tmp_path: Path) -> None:
     assert store.add_feedback("nope", "up") is None
     rec = store.add_feedback("r1", "down", comment="meh", preferred_answer="B")
     assert rec == {"request_id": "r1", "question": "q?", "passages": passages, "answer": "A [1]", "model": "ragops",
-                   "rating": "down", "comment": "meh", "preferred_answer": "B", "created": rec["created"]}  # fmt: skip
+                   "requested_model": None, "variant": "ragops", "rating": "down", "comment": "meh",
+                   "preferred_answer": "B", "created": rec["created"]}  # fmt: skip
     lines = (tmp_path / "fb" / "feedback.jsonl").read_text().splitlines()
     assert json.loads(lines[-1]) == rec
+
+
+def test_failed_requests_are_logged_but_take_no_feedback(tmp_path: Path) -> None:
+    store = FeedbackStore(tmp_path / "fb")
+    store.log_request({"request_id": "r2", "model": "m", "variant": "b", "status": "error", "error": {"status": 504}})
+    assert store.add_feedback("r2", "up") is None
+    fresh = FeedbackStore(tmp_path / "fb")  # from the log on disk, not the memory of recent requests
+    assert fresh.add_feedback("r2", "up") is None
+    assert "r2" in (tmp_path / "fb" / "requests.jsonl").read_text()
 
 
 def test_feedback_finds_old_requests_in_a_large_log(tmp_path: Path) -> None:
