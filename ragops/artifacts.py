@@ -373,6 +373,7 @@ class Registry:
         require_metric: str | None = None,
         baseline: str | None = None,
         higher_is_better: bool | None = None,
+        tolerance: float = 0.0,
     ) -> dict[str, Any] | None:
         """The evaluation gate of :meth:`promote`, without moving anything.
 
@@ -394,7 +395,7 @@ class Registry:
         before = self.get(base_ref).metrics if base_ref else {}
         after = self._load(name).metrics
         hib = metric_direction(require_metric) if higher_is_better is None else higher_is_better
-        result = compare_metrics(before, after, require_metric, higher_is_better=hib)
+        result = compare_metrics(before, after, require_metric, higher_is_better=hib, tolerance=tolerance)
         if not result.passed:
             raise InputError(f"promotion of {name} to '{alias}' refused: {result.reason}")
         return {**result.to_dict(), "baseline": self.resolve(base_ref) if base_ref else None}

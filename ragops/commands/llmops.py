@@ -30,6 +30,20 @@ ab_app = typer.Typer(help="A/B tests of served variants: per-variant ratings, la
 
 #: Environment variable holding the admin key `serve split` sends (else the server's first admin key).
 ADMIN_KEY_ENV = "RAGOPS_ADMIN_KEY"
+#: The chat key `loop --server` evaluates with (else the server's first chat key, else its admin key).
+CHAT_KEY_ENV = "RAGOPS_API_KEY"
+
+
+def _chat_key() -> str | None:
+    from ragops.serve.auth import ADMIN_KEYS_ENV, CHAT_KEYS_ENV
+
+    if os.environ.get(CHAT_KEY_ENV):
+        return os.environ[CHAT_KEY_ENV]
+    for env in (CHAT_KEYS_ENV, ADMIN_KEYS_ENV):
+        keys = [k.strip() for k in os.environ.get(env, "").split(",") if k.strip()]
+        if keys:
+            return keys[0]
+    return None
 
 
 def _admin_key(explicit: str | None) -> str | None:
@@ -202,6 +216,11 @@ def loop_command(
     eval_data: Annotated[Optional[str], typer.Option("--eval-data", help="Questions with answers for the gate (loop.eval_data).")] = None,
     canary: Annotated[Optional[float], typer.Option("--canary", min=0.0, max=1.0, help="Candidate's traffic share (loop.canary).")] = None,
     route: Annotated[Optional[str], typer.Option("--route", help="Served name to split (default: the alias).")] = None,
+    server: Annotated[
+        Optional[str],
+        typer.Option("--server", help="Evaluate through this running server (loop.server_url; needed while it holds the "
+                     f"embedded index). Chat key: ${CHAT_KEY_ENV}."),
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     data_dir: DataDirOpt = None,
@@ -223,6 +242,8 @@ def loop_command(
         overrides.append(f"loop.eval_data={eval_data}")
     if canary is not None:
         overrides.append(f"loop.canary={canary}")
+    if server is not None:
+        overrides.append(f"loop.server_url={server}")
     settings = settings_from(config, overrides, data_dir)
 
     def on_event(step: str, info: dict[str, Any]) -> None:
@@ -239,7 +260,7 @@ def loop_command(
         elif step.endswith(".run"):
             err.print(f"  {'resuming' if info.get('resumed') else 'run'} {info.get('run_id')}")
 
-    runner = LoopRunner(settings, alias, route=route, on_event=on_event)
+    runner = LoopRunner(settings, alias, route=route, on_event=on_event, api_key=_chat_key())
     rec = runner.decide() if decide else runner.run()
     if as_json:
         emit_json(rec.to_dict())

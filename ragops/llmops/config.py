@@ -39,6 +39,10 @@ class LoopConfig(_Strict):
     )
     eval_k: int = Field(5, ge=1, le=100, description="Passages retrieved per eval question.")
     gate_metric: str = Field("answer_f1", min_length=1, description="Metric the candidate must not be worse on.")
+    gate_tolerance: float = Field(0.0, ge=0, description="Regression of gate_metric still accepted (absolute).")
+    server_url: str | None = Field(
+        None, description="Evaluate through this running server (needed while `ragops serve` holds the embedded index)."
+    )
     ab: ABSettings = Field(default_factory=ABSettings)
 
     @model_validator(mode="after")

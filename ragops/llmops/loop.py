@@ -49,6 +49,7 @@ class LoopRunner:
         route: The served name to split (default: the alias).
         on_event: Progress callback (step, info).
         progress: Per-step metric rows of the trainers (as ``ragops train`` shows them).
+        api_key: Chat key for evaluating through ``loop.server_url``.
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class LoopRunner:
         route: str | None = None,
         on_event: LoopEvents | None = None,
         progress: Callable[[dict[str, Any]], None] | None = None,
+        api_key: str | None = None,
     ) -> None:
         from ragops.artifacts import Registry
 
@@ -69,6 +71,7 @@ class LoopRunner:
         self.store = LoopStore(self.registry.storage)
         self.on_event = on_event or (lambda step, info: None)
         self.progress = progress
+        self.api_key = api_key
 
     # -- entry points --------------------------------------------------------------------
 
@@ -99,8 +102,7 @@ class LoopRunner:
             entry["status"] = "running"
             self.store.save(rec)
             outcome = steps[step](rec)
-            entry.update(outcome)
-            entry.setdefault("status", "done")
+            entry.update({**outcome, "status": outcome.get("status", "done")})
             entry["finished_at"] = ls._now()
             self.store.save(rec)
             self.on_event(step, entry)
@@ -256,6 +258,7 @@ class LoopRunner:
         for role, ref in (("control", rec.control), ("candidate", rec.candidate)):
             assert ref is not None  # the ppo step set the candidate
             out[role] = evaluate_and_record(self.settings, ref, data, k=self.settings.loop.eval_k,
+                                            server_url=self.settings.loop.server_url, api_key=self.api_key,
                                             on_progress=lambda d, t, r=role: self.on_event("eval.progress", {"role": r, "done": d, "total": t}))  # fmt: skip
         return {"data": data, **out}
 
@@ -263,7 +266,8 @@ class LoopRunner:
         metric = self.settings.loop.gate_metric
         assert rec.candidate is not None
         try:
-            gate = self.registry.check_gate(rec.candidate, self.alias, require_metric=metric, baseline=rec.control)
+            gate = self.registry.check_gate(rec.candidate, self.alias, require_metric=metric, baseline=rec.control,
+                                            tolerance=self.settings.loop.gate_tolerance)  # fmt: skip
         except InputError as exc:
             rec.status, rec.reason = ls.REJECTED, str(exc)
             return {"passed": False, "metric": metric, "reason": str(exc)}
