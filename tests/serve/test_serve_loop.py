@@ -171,8 +171,9 @@ def test_a_loop_with_no_feedback_is_one_clear_error(served: Served, tiny_llm_dir
 
     quiet = tmp_path / "no-feedback"  # a feedback folder nobody rated into
     sets = [f"--set={s}" for s in _overrides(served, tiny_llm_dir, eval_file, f"serve.feedback_dir={quiet}")]
-    registry = Registry.from_settings(_settings(served, tiny_llm_dir, eval_file))
-    registry.set_alias("loopquiet", registry.names()[0])
+    settings = _settings(served, tiny_llm_dir, eval_file)
+    registry = Registry.from_settings(settings)
+    registry.set_alias("loopquiet", registry.names()[0]) if registry.names() else _control(settings, "loopquiet", tmp_path)
     aliases = registry.aliases()
     res = _cli("loop", "loopquiet", "--data-dir", str(served.settings.data_dir), *sets)
     assert res.exit_code != 0 and "0 feedback record(s) ever" in res.output, res.output
@@ -180,3 +181,55 @@ def test_a_loop_with_no_feedback_is_one_clear_error(served: Served, tiny_llm_dir
     unknown = _cli("loop", "no-such-alias", "--data-dir", str(served.settings.data_dir), *sets)
     assert unknown.exit_code != 0 and "no-such-alias" in unknown.output
     assert registry.aliases() == aliases  # nothing moved
+
+
+def test_a_loop_killed_in_the_middle_of_ppo_continues_it(served: Served, api: httpx.Client, tiny_llm_dir: Path,
+                                                         eval_file: Path, tmp_path: Path) -> None:  # fmt: skip
+    """SIGKILL `ragops loop` once PPO has a checkpoint; the next `ragops loop` resumes that PPO run."""
+    from ragops.artifacts import Registry
+    from ragops.llmops.loop_state import LoopStore
+
+    alias = "loopkill"
+    extra = ("loop.ppo_max_steps=6", "finetune.ppo.save_steps=1")
+    settings = _settings(served, tiny_llm_dir, eval_file, *extra)
+    registry = Registry.from_settings(settings)
+    control = _control(settings, alias, tmp_path)
+    _chat_and_rate(api, alias, 6, lambda v, i: ("down", f"MIG partitions a GPU [{i % 2 + 1}].") if i % 2 else ("up", None), "kill")
+    sets = [f"--set={s}" for s in _overrides(served, tiny_llm_dir, eval_file, *extra)]
+    cmd = [str(Path(sys.executable).parent / "ragops"), "loop", alias, "--data-dir", str(served.settings.data_dir), *sets]
+    env = {**os.environ, "RAGOPS_API_KEY": served.chat_key}
+    store, runs = LoopStore(registry.storage), Path(served.settings.data_dir) / "runs"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    killed_run = None
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            rec = store.latest(alias)
+            run_id = rec.steps.get("ppo", {}).get("run_id") if rec else None
+            if run_id and any((runs / run_id).glob("checkpoint_*")):
+                os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: no cleanup runs
+                killed_run = run_id
+                break
+            time.sleep(0.2)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert killed_run, f"PPO never checkpointed before the loop ended: {proc.stderr.read().decode()[-2000:]}"
+    rec = store.latest(alias)
+    assert rec.status == "running" and rec.steps["ppo"]["status"] == "running"
+    reward_run = rec.steps["reward"]["run_id"]
+    assert rec.steps["reward"]["status"] == "done"
+
+    res = _cli("loop", alias, "--data-dir", str(served.settings.data_dir), *sets, "--json")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["id"] == rec.id and out["status"] == "canary" and out["control"] == control
+    assert out["steps"]["ppo"]["run_id"] == killed_run  # the same PPO run, continued
+    assert out["steps"]["reward"]["run_id"] == reward_run  # the finished reward step was not repeated
+    assert len(list(runs.glob("reward-*"))) == len({p.name for p in runs.glob("reward-*")})
+    from ragops.runs import RunStore
+
+    ppo_run = RunStore.from_settings(settings).get(killed_run)
+    assert ppo_run.status == "finished" and ppo_run.step == 6
+    _cli("serve", "split", alias, "--clear", "--offline", "--data-dir", str(served.settings.data_dir), *sets)
