@@ -64,6 +64,7 @@ JOB_COMMANDS: dict[str, list[str]] = {
     "train-sft": ["ragops", "train", "sft"],
     "train-reward": ["ragops", "train", "reward"],
     "eval": ["ragops", "eval"],
+    "loop": ["ragops", "loop"],
 }
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -330,6 +331,8 @@ def job_entrypoint(kind: str, args: Sequence[str], settings: Settings | None = N
         )
     if kind == "eval" and (not args or args[0] not in ("retrieval", "answers")):
         raise ConfigError("--job eval: start the arguments with 'retrieval' or 'answers', e.g. -- answers --data FILE")
+    if kind == "loop" and (not args or args[0].startswith("-")):
+        raise ConfigError("--job loop: put the alias first after --, e.g. -- prod --eval-data /mnt/ragops/eval.jsonl")
     return shlex.join(JOB_COMMANDS[kind] + args)
 
 

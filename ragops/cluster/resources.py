@@ -29,7 +29,7 @@ from ragops.config import Settings
 from ragops.errors import ConfigError
 
 JobKind = Literal["ingest", "train-sft", "train-reward", "eval"]
-JOB_KINDS: tuple[str, ...] = ("ingest", "train-sft", "train-reward", "eval")
+JOB_KINDS: tuple[str, ...] = ("ingest", "train-sft", "train-reward", "eval", "loop")
 Mode = Literal["job", "service", "cluster"]
 
 #: CPUs a Ray Data load/chunk task reserves (ragops.ingest.ray_pipeline uses this value):
@@ -151,6 +151,8 @@ def job_demands(settings: Settings, kind: str) -> list[Demand]:
         return out
     if kind == "eval":
         return [Demand("eval driver (generator.device)", 1.0, 1.0 if _eval_needs_gpu(settings) else 0.0, 1)]
+    if kind == "loop":  # the steps run one after another: the training workers, then the eval driver
+        return [training_demand(settings)]
     raise ConfigError(f"unknown job '{kind}'; allowed: {', '.join(JOB_KINDS)}")
 
 

@@ -43,6 +43,7 @@ JOB_ARGS = {
     "train-sft": ["--data", "/mnt/ragops/datasets/sft.jsonl"],
     "train-reward": ["--data", "/mnt/ragops/datasets/preferences.jsonl"],
     "eval": ["answers", "--data", "/opt/ragops/samples/eval/answers.jsonl"],
+    "loop": ["prod", "--eval-data", "/opt/ragops/samples/eval/answers.jsonl"],
 }
 #: Shipped example → the `ragops kuberay render` arguments that produce it (from the repo root).
 EXAMPLE_COMMANDS = {
