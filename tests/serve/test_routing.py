@@ -85,3 +85,29 @@ def test_route_store_refuses_invalid_weights_and_keeps_the_old_ones(tmp_path: Pa
     with pytest.raises(InputError):
         store.set("prod", {"a": 0.7})
     assert store.weights() == {"prod": {"a": 1.0}}
+
+
+def test_config_routes_are_validated() -> None:
+    from ragops.config import load_settings
+    from ragops.errors import ConfigError
+
+    ok = load_settings([], ["serve.routes={prod: {a: 0.9, b: 0.1}}"], environ={})
+    assert ok.serve.routes == {"prod": {"a": 0.9, "b": 0.1}}
+    with pytest.raises(ConfigError, match="routes.prod.*sum to 0.5"):
+        load_settings([], ["serve.routes={prod: {a: 0.4, b: 0.1}}"], environ={})
+
+
+def test_catalog_overlays_stored_routes_on_the_config(tmp_path: Path) -> None:
+    from ragops.config import load_settings
+    from ragops.serve.models import ModelCatalog
+
+    settings = load_settings([], ["serve.routes={prod: {ragops: 1.0}}"], data_dir=tmp_path, environ={})
+    catalog = ModelCatalog(settings)
+    assert catalog.route("prod", "u1") == ("", "ragops")  # the base model answers, named as in the split
+    result = catalog.set_route("prod", {"ragops": 0.5, settings.generator.model: 0.5}, by="test")
+    assert result["source"] == "registry" and result["previous"] is None
+    assert ModelCatalog(settings).routes()["prod"] == {"ragops": 0.5, settings.generator.model: 0.5}
+    with pytest.raises(InputError, match="unknown variant"):
+        catalog.set_route("prod", {"ragops": 0.5, "ghost": 0.5}, by="test")
+    catalog.set_route("prod", None, by="test")
+    assert ModelCatalog(settings).routes()["prod"] == {"ragops": 1.0}  # the config's split again
