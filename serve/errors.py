@@ -7,9 +7,17 @@ fault it was: 4xx for the request, 503/504 for load, never a 5xx for bad input.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from ragops.errors import CollectionError, InputError, ModelNotFoundError, RagopsError, StoreLockedError
+
+log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -116,3 +124,58 @@ def from_ragops_error(exc: BaseException) -> APIError:
     if isinstance(inner, RagopsError):
         return APIError(500, str(inner), type="server_error", code="internal_error")
     return APIError(500, "internal error; see the server logs", type="server_error", code="internal_error")
+
+
+# ---------------------------------------------------------------------------------------
+# Error handlers
+# ---------------------------------------------------------------------------------------
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    if not errors:
+        return bad_request("invalid request")
+    err = errors[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    kind = err.get("type", "")
+    where = ".".join(loc)
+    param = loc[0] if loc else None
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    if kind == "json_invalid":
+        return bad_request("the request body is not valid JSON", code="invalid_json")
+    if kind == "missing" and not loc:
+        return bad_request("the request body is missing; send a JSON object", code="missing_body")
+    if kind == "value_error" and not loc:  # a model-level rule (unsupported option, last message...)
+        return bad_request(msg)
+    if not loc:
+        return bad_request(f"the request body must be a JSON object ({msg})")
+    if kind == "extra_forbidden":
+        return bad_request(f"Unrecognized request argument supplied: {where}", param=param, code="unknown_parameter")
+    if kind == "missing":
+        return bad_request(f"missing required parameter '{where}'", param=param, code="missing_parameter")
+    return bad_request(f"'{where}': {msg}", param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every error of ``app`` as an OpenAI-shaped JSON body (FastAPI's 422 → 400)."""
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = _validation_error(exc)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        message = {404: "no such endpoint", 405: "method not allowed on this endpoint"}.get(exc.status_code, str(exc.detail))
+        err = APIError(exc.status_code, message, code=code)
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        err = APIError(500, "internal error; see the server logs", type="server_error", code="internal_error")
+        return JSONResponse(err.body(), status_code=500)

@@ -48,9 +48,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ragops.config import Settings
 from ragops.errors import InputError, ModelNotFoundError
@@ -61,9 +59,10 @@ from ragops.tracking import telemetry
 from ragops.serve.answering import AnswerRequest
 from ragops.serve.auth import ApiKeys, bearer_token
 from ragops.serve.backend import Deadline
-from ragops.serve.errors import APIError, bad_request, model_not_found
+from ragops.serve.errors import APIError, bad_request, install_error_handlers, model_not_found
 from ragops.serve.feedback import FeedbackStore
 from ragops.serve.gate import ROUTES, GateMiddleware
+from ragops.serve.health import health_response
 from ragops.serve.metrics import ServeMetrics
 from ragops.serve.models import ModelCatalog
 from ragops.serve.tracing import TracingMiddleware, annotate
@@ -119,60 +118,6 @@ class IngressContext:
     catalog: ModelCatalog
     deployment_status: Callable[[], Awaitable[dict[str, str]]] | None = None
     running_replicas: Callable[[], Awaitable[dict[str, int]]] | None = None
-
-
-# ---------------------------------------------------------------------------------------
-# Error handlers
-# ---------------------------------------------------------------------------------------
-
-
-def _validation_error(exc: RequestValidationError) -> APIError:
-    errors = exc.errors()
-    if not errors:
-        return bad_request("invalid request")
-    err = errors[0]
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    kind = err.get("type", "")
-    where = ".".join(loc)
-    param = loc[0] if loc else None
-    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-    if kind == "json_invalid":
-        return bad_request("the request body is not valid JSON", code="invalid_json")
-    if kind == "missing" and not loc:
-        return bad_request("the request body is missing; send a JSON object", code="missing_body")
-    if kind == "value_error" and not loc:  # a model-level rule (unsupported option, last message...)
-        return bad_request(msg)
-    if not loc:
-        return bad_request(f"the request body must be a JSON object ({msg})")
-    if kind == "extra_forbidden":
-        return bad_request(f"Unrecognized request argument supplied: {where}", param=param, code="unknown_parameter")
-    if kind == "missing":
-        return bad_request(f"missing required parameter '{where}'", param=param, code="missing_parameter")
-    return bad_request(f"'{where}': {msg}", param=param)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = _validation_error(exc)
-        return JSONResponse(err.body(), status_code=err.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
-        message = {404: "no such endpoint", 405: "method not allowed on this endpoint"}.get(exc.status_code, str(exc.detail))
-        err = APIError(exc.status_code, message, code=code)
-        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)
-        err = APIError(500, "internal error; see the server logs", type="server_error", code="internal_error")
-        return JSONResponse(err.body(), status_code=500)
 
 
 # ---------------------------------------------------------------------------------------
@@ -258,7 +203,7 @@ def create_app(ctx: IngressContext) -> FastAPI:
     settings = ctx.settings
     sc = settings.serve
     app = FastAPI(title="ragops", description="OpenAI-compatible RAG API", docs_url=None, redoc_url=None)
-    _install_error_handlers(app)
+    install_error_handlers(app)
     app.add_middleware(GateMiddleware, ctx=ctx)
     if sc.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
@@ -377,7 +322,7 @@ def create_app(ctx: IngressContext) -> FastAPI:
     # -- operations ------------------------------------------------------------------
     @app.get("/healthz")
     async def healthz() -> Response:
-        return await _health(ctx)
+        return await health_response(ctx)
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -549,51 +494,3 @@ async def _stream(
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **id_headers}
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
-
-
-#: Deployment states that serve requests (scaling changes the replica count, not the service).
-_SERVING_STATES = ("HEALTHY", "UPSCALING", "DOWNSCALING")
-#: Ray Serve deployment names /healthz would otherwise call into.
-_RETRIEVER, _GENERATOR = "Retriever", "Generator"
-
-
-async def _health(ctx: IngressContext) -> Response:
-    """Health without waking anything: a deployment scaled to zero is reported, not called.
-
-    (Calling a deployment at zero replicas would start one: a probe every few seconds would
-    keep a scale-to-zero deployment up forever.)
-    """
-    checks: dict[str, Any] = {}
-    ok = True
-    running: dict[str, int] = {}
-    if ctx.deployment_status is not None:
-        try:
-            statuses = await asyncio.wait_for(ctx.deployment_status(), 5.0)
-            if ctx.running_replicas is not None:
-                running = await asyncio.wait_for(ctx.running_replicas(), 5.0)
-        except Exception as exc:  # noqa: BLE001 - health must answer, not fail
-            statuses, ok = {}, False
-            checks["deployments_error"] = type(exc).__name__
-        checks["deployments"] = statuses
-        if running:
-            checks["replicas"] = running
-        ok = ok and bool(statuses) and all(s in _SERVING_STATES for s in statuses.values())
-    asleep = "scaled to zero: the next request starts a replica (cold start)"
-    if running.get(_RETRIEVER) == 0:
-        store: dict[str, Any] = {"ok": True, "replicas": 0, "state": asleep}
-    else:
-        try:
-            store = await ctx.backend.retriever_health(deadline=Deadline(5.0))
-        except APIError as err:
-            store = {"ok": False, "error": err.message}
-    checks["vectorstore"] = store
-    ok = ok and bool(store.get("ok"))
-    if running.get(_GENERATOR) == 0:
-        checks["generator"] = {"replicas": 0, "state": asleep}
-    else:
-        try:
-            # Which engine decodes (and why): informational, never a reason to report unhealthy.
-            checks["generator"] = await ctx.backend.generator_info(deadline=Deadline(5.0))
-        except APIError as err:
-            checks["generator"] = {"error": err.message}
-    return JSONResponse({"status": "ok" if ok else "unavailable", **checks}, status_code=200 if ok else 503)
