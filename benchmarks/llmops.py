@@ -131,19 +131,37 @@ def routing_and_cold(data_dir: Path, requests: int, max_tokens: int, parts: list
     return out
 
 
-def ab_simulation(data_dir: Path, questions: int, seeds: int, min_effect: float) -> dict[str, Any]:
-    from ragops.llmops.abtest import decide, ratings_needed
+def variant_answers(data_dir: Path, questions: int) -> dict[str, list[bool]]:
+    """Whether each variant's real answer contains a reference answer, per eval question (cached)."""
     from ragops.retrieval.metrics import answer_contains
     from ragops.retrieval.rag import RAGPipeline
 
-    rows = _questions(questions)
+    cache = OUT / f"llmops-ab-answers-{questions}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
     contains: dict[str, list[bool]] = {"extractive": [], "stuff": []}
     with RAGPipeline(settings_for(data_dir)) as rag:
-        for row in rows:
+        for row in _questions(questions):
             for reader in contains:
                 ans = rag.ask(row["question"], k=5, reader=reader)
                 contains[reader].append(bool(answer_contains(ans.answer, row["answers"])))
-    p_up = {r: [0.8 if c else 0.3 for c in cs] for r, cs in contains.items()}
+    OUT.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(contains))
+    return contains
+
+
+def ab_simulation(data_dir: Path, questions: int, seeds: int, min_effect: float,
+                  rates: dict[str, float] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The seeded A/B tests. ``rates`` (true up-rates measured by an earlier run) skips answering again:
+    a rating draws a question uniformly, so a variant's ratings are Bernoulli(its mean up-rate) either way."""
+    from ragops.llmops.abtest import decide, ratings_needed
+
+    if rates:
+        contains = {r: [(p - 0.3) / 0.5] for r, p in rates.items()}
+    else:
+        contains = variant_answers(data_dir, questions)
+    rows = contains["stuff"]
+    p_up = {r: [0.3 + 0.5 * c for c in cs] for r, cs in contains.items()}
     true_rate = {r: statistics.fmean(ps) for r, ps in p_up.items()}
     a, b = "stuff", "extractive"  # A: the generator's answers (control), B: the extractive reader
     truth = "B better" if true_rate[b] > true_rate[a] else "B worse"
@@ -155,7 +173,7 @@ def ab_simulation(data_dir: Path, questions: int, seeds: int, min_effect: float)
         for variant in (a, b):  # each rating: a random eval question, the user's known preference
             ups[variant] = sum(rng.random() < p_up[variant][rng.randrange(len(rows))] for _ in range(need))
         right += decide(ups[a], need, ups[b], need, min_effect=min_effect)["verdict"] == truth
-    out = {"questions": len(rows), "contains": {r: statistics.fmean(c) for r, c in contains.items()}, "true_up_rate": true_rate,
+    out = {"questions": len(rows), "answers_cache": str(OUT / f"llmops-ab-answers-{questions}.json"), "contains": {r: statistics.fmean(c) for r, c in contains.items()}, "true_up_rate": true_rate,
            "difference": true_rate[b] - true_rate[a], "min_effect": min_effect, "ratings_per_variant": need,
            "seeds": seeds, "right": right, "accuracy": right / seeds, "truth": truth}  # fmt: skip
     print(f"A/B simulation: true up-rates {true_rate}, {need} ratings per variant, verdict right in {right}/{seeds}", flush=True)
@@ -171,12 +189,15 @@ def main() -> None:
     ap.add_argument("--ab-questions", type=int, default=40)
     ap.add_argument("--seeds", type=int, default=200)
     ap.add_argument("--min-effect", type=float, default=0.1)
+    ap.add_argument("--ab-rates", default=None, help="extractive=P,stuff=P: true up-rates from an earlier run (no answering).")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ensure_index(args.data_dir)
+    if not args.ab_rates or {"routing", "cold"} & set(args.parts):
+        ensure_index(args.data_dir)
     result: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv)}
     if "ab" in args.parts:
-        result["ab"] = ab_simulation(args.data_dir, args.ab_questions, args.seeds, args.min_effect)
+        rates = {k: float(v) for k, v in (p.split("=") for p in args.ab_rates.split(","))} if args.ab_rates else None
+        result["ab"] = ab_simulation(args.data_dir, args.ab_questions, args.seeds, args.min_effect, rates)
     if {"routing", "cold"} & set(args.parts):
         result.update(routing_and_cold(args.data_dir, args.requests, args.max_tokens, args.parts))
     OUT.mkdir(parents=True, exist_ok=True)
