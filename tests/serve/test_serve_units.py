@@ -323,3 +323,53 @@ def test_backend_sends_the_candidates_to_the_reranker_then_expands() -> None:
     assert calls[2] == ("retriever", "search", "q", "vec", {"k": 7})  # default k 4 → 7 candidates
     assert calls[3][-1] == 4 and calls[4][:2] == ("retriever", "expand")  # expansion after reranking
     assert out[1] == "retriever.expand"
+
+
+# -- health at zero replicas --------------------------------------------------------------------
+
+
+class _AsleepBackend:
+    """A backend whose deployments must not be called (they are at zero replicas)."""
+
+    calls: list[str] = []
+
+    async def retriever_health(self, *, deadline: object) -> dict:
+        self.calls.append("retriever")
+        return {"ok": True}
+
+    async def generator_info(self, *, deadline: object) -> dict:
+        self.calls.append("generator")
+        return {"engine": "llamacpp"}
+
+
+def _health(running: dict[str, int], statuses: dict[str, str]) -> tuple[int, dict, list[str]]:
+    import asyncio
+
+    from ragops.serve.health import health_response
+    from ragops.serve.http_app import IngressContext
+
+    backend = _AsleepBackend()
+    backend.calls = []
+
+    async def status() -> dict[str, str]:
+        return statuses
+
+    async def replicas() -> dict[str, int]:
+        return running
+
+    ctx = IngressContext(settings=None, keys=ApiKeys(), backend=backend, metrics=None, feedback=None, catalog=None,  # type: ignore[arg-type]
+                         deployment_status=status, running_replicas=replicas)  # fmt: skip
+    resp = asyncio.run(health_response(ctx))
+    return resp.status_code, json.loads(resp.body), backend.calls
+
+
+def test_health_does_not_wake_deployments_scaled_to_zero() -> None:
+    code, body, calls = _health({"Generator": 0, "Retriever": 0, "Ingress": 1}, {"Generator": "HEALTHY", "Retriever": "HEALTHY", "Ingress": "HEALTHY"})
+    assert code == 200 and calls == []
+    assert body["generator"]["replicas"] == 0 and "scaled to zero" in body["generator"]["state"]
+    assert body["replicas"]["Generator"] == 0
+    # Waking up (upscaling) is serving, not unhealthy; a running generator is asked for its engine.
+    code, body, calls = _health({"Generator": 1, "Retriever": 1}, {"Generator": "UPSCALING", "Retriever": "HEALTHY"})
+    assert code == 200 and calls == ["retriever", "generator"] and body["generator"]["engine"] == "llamacpp"
+    code, _, _ = _health({"Generator": 1, "Retriever": 1}, {"Generator": "UNHEALTHY", "Retriever": "HEALTHY"})
+    assert code == 503
