@@ -209,7 +209,8 @@ def create_app(ctx: IngressContext) -> FastAPI:
         from starlette.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=sc.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["authorization", "content-type", TIMEOUT_HEADER])  # fmt: skip
+                           allow_headers=["authorization", "content-type", TIMEOUT_HEADER, USER_HEADER],
+                           expose_headers=["x-request-id", VARIANT_HEADER])  # fmt: skip
     if telemetry.enabled():  # added last: outermost, so refused requests are traced too
         app.add_middleware(TracingMiddleware, routes=ROUTES)
     page, csp = chat_page()
