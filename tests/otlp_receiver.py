@@ -95,13 +95,22 @@ class OtlpReceiver:
                             end_ns=s.end_time_unix_nano,
                         ))  # fmt: skip
 
-    def trace(self, trace_id: str, *, until: tuple[str, ...] = (), timeout_s: float = 30.0) -> list[ReceivedSpan]:
-        """The spans of ``trace_id``, waiting (bounded) until every name in ``until`` arrived."""
+    def trace(
+        self, trace_id: str, *, until: tuple[str, ...] = (), rooted_at: str | None = None, timeout_s: float = 30.0
+    ) -> list[ReceivedSpan]:
+        """The spans of ``trace_id``, waiting (bounded) until every name in ``until`` arrived.
+
+        With ``rooted_at`` (the caller's span id, "" for none) it also waits until the spans form
+        one tree under it: each process exports in its own batches, so a child's process may send
+        before its parent's does (a streamed response's ingress span ends last).
+        """
         deadline = time.monotonic() + timeout_s
         while True:
             with self._lock:
                 found = [s for s in self.spans if s.trace_id == trace_id]
             names = {s.name for s in found}
-            if all(n in names for n in until) or time.monotonic() > deadline:
+            ids = {s.span_id for s in found} | ({rooted_at} if rooted_at is not None else set())
+            whole = rooted_at is None or all(s.parent_id in ids for s in found)
+            if (whole and all(n in names for n in until)) or time.monotonic() > deadline:
                 return found
             time.sleep(0.2)

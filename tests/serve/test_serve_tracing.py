@@ -75,7 +75,7 @@ def test_a_chat_request_is_one_trace_across_the_deployments(served: Served, otlp
     returned = r.headers["traceparent"].split("-")
     assert returned[1] == trace_id and returned[2] != caller_span
 
-    spans = otlp_receiver.trace(trace_id, until=CHAT_SPANS)
+    spans = otlp_receiver.trace(trace_id, until=CHAT_SPANS, rooted_at=caller_span)
     names = _by_name(spans)
     assert set(CHAT_SPANS) <= set(names), sorted(names)
     _assert_one_tree(spans, caller_span)
@@ -121,7 +121,9 @@ def test_a_streamed_chat_and_its_feedback_are_traced(served: Served, otlp_receiv
         fb = c.post("/v1/feedback", json={"request_id": rid, "rating": "up"}, headers={"traceparent": fb_header})
     assert fb.status_code == 200, fb.text
 
-    spans = otlp_receiver.trace(trace_id, until=("generator.answer_stream", "generation"))
+    spans = otlp_receiver.trace(
+        trace_id, until=("POST /v1/chat/completions", "generator.answer_stream", "generation"), rooted_at=caller_span
+    )
     names = _by_name(spans)
     _assert_one_tree(spans, caller_span)
     stream = [s for s in names["generator.answer_stream"] if s.kind == SERVER][0]
@@ -143,7 +145,7 @@ def test_a_search_without_traceparent_starts_a_trace_and_returns_it(served: Serv
         r = c.post("/v1/search", json={"query": "What is MIG?", "k": 2})
     assert r.status_code == 200, r.text
     _, trace_id, span_id, _ = r.headers["traceparent"].split("-")
-    spans = otlp_receiver.trace(trace_id, until=("POST /v1/search", "retrieval.query"))
+    spans = otlp_receiver.trace(trace_id, until=("POST /v1/search", "retrieval.query"), rooted_at="")
     names = _by_name(spans)
     root = names["POST /v1/search"][0]
     assert root.span_id == span_id and root.parent_id == ""
