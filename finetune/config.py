@@ -92,6 +92,72 @@ class RewardSettings(TrainerSettings):
     )
 
 
+class PairSettings(_Strict):
+    """Where (query, passage) training pairs for the retriever's models come from, and their negatives."""
+
+    hard_negatives: int = Field(
+        3, ge=0, le=32, description="Hard negatives mined per query from the current index (chunks of other documents)."
+    )
+    mine_mode: Literal["dense", "sparse", "hybrid"] = Field(
+        "hybrid", description="Search used to mine hard negatives (what the retriever ranks high but is wrong)."
+    )
+    mine_skip: int = Field(
+        2, ge=0, description="Top-ranked foreign chunks skipped before taking negatives (they are often unlabeled positives)."
+    )
+    mine_depth: int = Field(30, ge=1, le=200, description="Hits searched per query when mining negatives.")
+    synthesize_filter_k: int = Field(
+        20, ge=1, description="A synthetic query is kept only if BM25 ranks its own chunk within this many hits."
+    )
+    synthesize_generated: float = Field(
+        0.5, ge=0, le=1,
+        description="Share of --synthesize queries written by the generator; the rest are structural (headings, first sentences).",
+    )  # fmt: skip
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of documents whose pairs are held out for evaluation.")
+    eval_distractors: int = Field(
+        3000, ge=0, description="Chunks of other documents sampled into the held-out evaluation's corpus (embedder)."
+    )
+    seed: int = Field(0, description="Seed for sampling chunks, negatives and the held-out documents.")
+
+
+class EmbedderTrainSettings(TrainerSettings):
+    """Bi-encoder fine-tuning (``ragops train embedder``): in-batch plus mined hard negatives."""
+
+    base_model: str | None = Field(None, description="Embedder to start from (registry name, artifact or path); None: embedder.model.")
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW); full fine-tuning, no LoRA.")
+    lr_scheduler: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
+    ] = Field("linear", description="Learning-rate schedule after warm-up.")
+    warmup: float = Field(0.1, ge=0, description="Warm-up: a fraction of the steps when < 1, else a step count.")
+    batch_size: int = Field(32, ge=2, description="Queries per batch: each one's positives are the others' in-batch negatives.")
+    max_length: int = Field(256, ge=16, description="Tokens per passage or query; longer ones are truncated.")
+    save_steps: int = Field(100, ge=1, description="Checkpoint every N optimizer steps (and at the end).")
+    logging_steps: int = Field(5, ge=1, description="Record loss and examples/s every N steps.")
+    scale: float = Field(20.0, gt=0, description="Similarity scale of MultipleNegativesRankingLoss (1 / temperature).")
+    eval_k: int = Field(10, ge=1, le=100, description="Cut-off of the held-out nDCG/recall reported before and after.")
+    pairs: PairSettings = Field(default_factory=PairSettings)
+
+
+class RerankerTrainSettings(TrainerSettings):
+    """Cross-encoder fine-tuning (``ragops train reranker``): binary relevance on positives and mined negatives."""
+
+    base_model: str | None = Field(
+        None,
+        description="Model to start from: a cross-encoder (retrieval.rerank.model) or a plain encoder, which gets a new "
+        "score head; None: retrieval.rerank.model, else embedder.model.",
+    )
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW); full fine-tuning, no LoRA.")
+    lr_scheduler: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
+    ] = Field("linear", description="Learning-rate schedule after warm-up.")
+    warmup: float = Field(0.1, ge=0, description="Warm-up: a fraction of the steps when < 1, else a step count.")
+    batch_size: int = Field(16, ge=1, description="(query, passage) pairs per batch.")
+    max_length: int = Field(320, ge=16, description="Tokens per query+passage pair.")
+    save_steps: int = Field(100, ge=1, description="Checkpoint every N optimizer steps (and at the end).")
+    logging_steps: int = Field(5, ge=1, description="Record loss and examples/s every N steps.")
+    eval_k: int = Field(10, ge=1, le=100, description="Cut-off of the held-out nDCG reported before and after.")
+    pairs: PairSettings = Field(default_factory=PairSettings)
+
+
 class KLSettings(_Strict):
     """The KL penalty that holds the policy near the reference (the base without the adapter)."""
 
@@ -219,6 +285,8 @@ class FinetuneConfig(_Strict):
     sft: SFTSettings = Field(default_factory=SFTSettings)
     reward: RewardSettings = Field(default_factory=RewardSettings)
     ppo: PPOSettings = Field(default_factory=PPOSettings)
+    embedder: EmbedderTrainSettings = Field(default_factory=EmbedderTrainSettings)
+    reranker: RerankerTrainSettings = Field(default_factory=RerankerTrainSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     runner: Literal["ray", "local"] = Field(
         "ray", description="'ray' runs Ray Train workers; 'local' trains in this process (one worker, no Ray)."

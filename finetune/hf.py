@@ -101,6 +101,7 @@ def train_and_finish(
     has_eval: bool,
     extra_metrics: Callable[[Any], dict[str, Any]] | None = None,
     before_train: Callable[[Any], dict[str, Any]] | None = None,
+    extra_files: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Resume, train, evaluate, and report the final adapter; return the final metrics.
 
@@ -110,6 +111,8 @@ def train_and_finish(
         has_eval: Whether the trainer has a held-out split.
         extra_metrics: Computes more final metrics from the trainer (all ranks call it).
         before_train: Metrics measured before the first step of a fresh run (all ranks).
+        extra_files: ``{relative path: text}`` written into the artifact folder (e.g. the
+            held-out split, so the artifact can be evaluated again later).
     """
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -155,6 +158,8 @@ def train_and_finish(
     if session.is_main:
         artifact = session.scratch / "adapter-out"
         trainer.model.save_pretrained(str(artifact), safe_serialization=True)
+        for rel, text in (extra_files or {}).items():
+            (artifact / rel).write_text(text, encoding="utf-8")
     session.report_final(metrics, artifact)
     return metrics
 

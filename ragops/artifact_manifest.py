@@ -18,21 +18,25 @@ from typing import Any, Literal
 
 from ragops.errors import InputError, ModelNotFoundError
 
-ArtifactKind = Literal["sft", "reward", "ppo", "gguf"]
-KINDS: tuple[str, ...] = ("sft", "reward", "ppo", "gguf")
+ArtifactKind = Literal["sft", "reward", "ppo", "gguf", "embedder", "reranker"]
+KINDS: tuple[str, ...] = ("sft", "reward", "ppo", "gguf", "embedder", "reranker")
+#: Kinds published as a whole sentence-transformers model (``model/``), not a LoRA adapter.
+MODEL_KINDS: tuple[str, ...] = ("embedder", "reranker")
 #: Aliases moved by publishing an artifact of each kind.
 LATEST_ALIASES: dict[str, tuple[str, ...]] = {
     "sft": ("sft-latest",),
     "reward": ("reward-latest", "rm-latest"),
     "ppo": ("ppo-latest",),
     "gguf": ("gguf-latest",),
+    "embedder": ("embedder-latest",),
+    "reranker": ("reranker-latest",),
 }
-NAME_RE = re.compile(r"^(sft|reward|ppo|gguf)-\d{8}-\d{4,6}-[0-9a-f]{4}$")
+NAME_RE = re.compile(r"^(sft|reward|ppo|gguf|embedder|reranker)-\d{8}-\d{4,6}-[0-9a-f]{4}$")
 ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 #: Where a packaged GGUF model lies inside its artifact folder.
 GGUF_FILE = "model/model.gguf"
 #: Files an artifact may contain: weights as safetensors, everything else JSON / text.
-ALLOWED_SUFFIXES = (".safetensors", ".json", ".jinja", ".txt", ".md", ".model")
+ALLOWED_SUFFIXES = (".safetensors", ".json", ".jsonl", ".jinja", ".txt", ".md", ".model")
 
 
 def utc_now() -> str:
@@ -93,8 +97,9 @@ class Artifact:
             applies the adapter on top.
         task: ``causal-lm`` (a generator adapter) or ``seq-cls`` (a reward model: LoRA plus the
             scalar score head).
-        format: ``peft-lora`` (files under ``adapter/``) or ``gguf`` (``model/model.gguf``: a
-            whole model, base plus merged adapter, that llama.cpp and transformers load).
+        format: ``peft-lora`` (files under ``adapter/``), ``gguf`` (``model/model.gguf``: a
+            whole model, base plus merged adapter, that llama.cpp and transformers load) or
+            ``sentence-transformers`` (an embedder or cross-encoder folder under ``model/``).
         parent: The artifact this one was trained from (PPO starts from an SFT adapter), if any.
         run_id: The run that produced it (``ragops runs show``).
         data_hash: SHA-256 of the training data files.
@@ -131,6 +136,11 @@ class Artifact:
     def is_gguf(self) -> bool:
         """Whether this is a packaged GGUF model (not an adapter)."""
         return self.format == "gguf"
+
+    @property
+    def is_encoder(self) -> bool:
+        """Whether this is a whole retrieval model (an embedder or a cross-encoder), not an adapter."""
+        return self.kind in MODEL_KINDS
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

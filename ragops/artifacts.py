@@ -43,6 +43,7 @@ from ragops.artifact_manifest import (
     GGUF_FILE,
     KINDS,
     LATEST_ALIASES,
+    MODEL_KINDS,
     NAME_RE,
     Artifact,
     ArtifactKind,
@@ -144,19 +145,20 @@ class Registry:
         return Artifact.from_dict(data)
 
     def local_dir(self, ref: str) -> Path:
-        """A local folder with the artifact's adapter files (downloaded once from remote storage).
+        """A local folder with the artifact's adapter (or encoder model) files, downloaded once from remote storage.
 
         Raises:
             ModelNotFoundError: unknown name, or a packaged GGUF (see :meth:`gguf_path`).
         """
         art = self.get(ref)
         _require_adapter(art)
-        local = self.storage.local_path("artifacts", art.name, "adapter")
+        sub, marker = ("model", "config.json") if art.is_encoder else ("adapter", "adapter_config.json")
+        local = self.storage.local_path("artifacts", art.name, sub)
         if local is not None:
             return local
         dest = self.cache_dir / art.name
-        if not (dest / "adapter_config.json").is_file():
-            self.storage.download_dir(f"artifacts/{art.name}/adapter", dest)
+        if not (dest / marker).is_file():
+            self.storage.download_dir(f"artifacts/{art.name}/{sub}", dest)
         return dest
 
     def gguf_path(self, ref: str) -> Path:
@@ -278,8 +280,11 @@ class Registry:
             adapters = [k for k in KINDS if k != "gguf"]
             hint = " (a GGUF is written by ragops.packaging.package_model)" if kind == "gguf" else ""
             raise InputError(f"unknown adapter kind '{kind}'; allowed: {', '.join(adapters)}{hint}")
-        if not (src / "adapter_config.json").is_file() or not list(src.glob("*.safetensors")):
-            raise InputError(f"{src}: no adapter_config.json and *.safetensors to publish")
+        # Embedders and cross-encoders are whole (small) models, fully fine-tuned: no adapter.
+        whole = kind in MODEL_KINDS
+        marker, sub = ("config.json", "model") if whole else ("adapter_config.json", "adapter")
+        if not (src / marker).is_file() or not list(src.rglob("*.safetensors")):
+            raise InputError(f"{src}: no {marker} and *.safetensors to publish")
         name = name or new_name(kind)
         if self.storage.exists("artifacts", name, self.MANIFEST):
             raise InputError(f"artifact '{name}' already exists in {self.storage.uri()}")
@@ -292,9 +297,9 @@ class Registry:
                 cfg = json.loads(f.read_text(encoding="utf-8"))
                 # The training-time path of the base (a cache folder) means nothing elsewhere.
                 cfg["base_model_name_or_path"] = base_model
-                self.storage.write_json(f"artifacts/{name}/adapter/{rel}", cfg)
+                self.storage.write_json(f"artifacts/{name}/{sub}/{rel}", cfg)
             else:
-                self.storage.upload(f, f"artifacts/{name}/adapter/{rel}")
+                self.storage.upload(f, f"artifacts/{name}/{sub}/{rel}")
             files.append(rel)
         art = Artifact(
             name=name,
@@ -302,6 +307,7 @@ class Registry:
             created_at=utc_now(),
             base_model=base_model,
             task=task,
+            format="sentence-transformers" if whole else "peft-lora",
             parent=parent,
             run_id=run_id,
             data_hash=data_hash,

@@ -56,6 +56,10 @@ class EmbedderConfig(StrictModel):
     normalize: bool = Field(True, description="L2-normalize vectors (cosine similarity via dot product).")
     max_seq_length: int | None = Field(None, ge=8, description="Override the model's token limit.")
 
+    #: ``(root, cache_dir)`` of the artifact registry, set by :class:`Settings`, so ``model`` may
+    #: name a published embedder (``embedder-latest``). Not a setting: it follows ``data_dir``.
+    _registry: tuple[str, str] | None = PrivateAttr(default=None)
+
 
 class LoaderConfig(StrictModel):
     """Which files are read and how."""
@@ -140,6 +144,9 @@ class RerankConfig(StrictModel):
     model: str | None = Field(None, description="CrossEncoder path or registry name; None disables reranking.")
     candidates: int = Field(30, ge=1, description="Hits fetched before reranking.")
     batch_size: int = Field(32, ge=1)
+
+    #: The artifact registry (see :class:`EmbedderConfig`), so ``model`` may name a published reranker.
+    _registry: tuple[str, str] | None = PrivateAttr(default=None)
 
 
 class RetrievalConfig(StrictModel):
@@ -398,6 +405,16 @@ class Settings(StrictModel):
     @classmethod
     def _expand(cls, v: Any) -> Any:
         return Path(os.path.expanduser(str(v))) if v is not None else v
+
+    @model_validator(mode="after")
+    def _models_resolve_artifacts(self) -> "Settings":
+        # Published embedders/rerankers are looked up in this settings' registry; the configs
+        # carry its location privately so every stage (and Ray actor) resolves them alike.
+        root = self.finetune.registry_path or str(Path(self.data_dir) / "registry")
+        where = (root, str(Path(self.data_dir) / "cache" / "registry"))
+        self.embedder._registry = where
+        self.retrieval.rerank._registry = where
+        return self
 
     @model_validator(mode="after")
     def _embedded_store_is_single_node(self) -> "Settings":

@@ -47,7 +47,7 @@ class TextEmbedder:
     def __init__(self, cfg: EmbedderConfig, model: str | None = None) -> None:
         self.cfg = cfg
         self.model_name = model or cfg.model
-        self.spec: ModelSpec = with_instruction(resolve_model(self.model_name, kind="embedder"), cfg.query_instruction)
+        self.spec: ModelSpec = with_instruction(resolve_model(self.model_name, kind="embedder", registry=cfg._registry), cfg.query_instruction)
         self._model: Any = None
         self._lock = threading.Lock()
 
@@ -104,8 +104,9 @@ class TextEmbedder:
 
     @property
     def identity(self) -> str:
-        """What a collection records as its embedder (the configured name)."""
-        return self.model_name
+        """What a collection records as its embedder: the configured name, or for a registry
+        alias (``embedder-latest``, which moves) the artifact it named."""
+        return self.spec.artifact or self.model_name
 
     # -- encoding ------------------------------------------------------------------------
     def encode_passages(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:

@@ -43,6 +43,8 @@ class ModelSpec:
         gguf_file: For GGUF generators, the file name inside ``path``.
         query_instruction: Prefix for queries (BGE); '' for none.
         dim: Embedding size when known without loading.
+        artifact: The registry artifact this resolved to (an alias like ``embedder-latest``
+            moves; the artifact's name does not), None for other models.
     """
 
     name: str
@@ -54,6 +56,7 @@ class ModelSpec:
     query_instruction: str = ""
     dim: int | None = None
     aliases: tuple[str, ...] = field(default_factory=tuple)
+    artifact: str | None = None
 
     def locate(self) -> Path:
         """Return the local directory holding the weights.
@@ -180,12 +183,14 @@ def _local_query_instruction(path: Path) -> str:
     return ""
 
 
-def resolve_model(name: str, kind: ModelKind | None = None) -> ModelSpec:
-    """Resolve a registry name, alias, local path or hub id to a :class:`ModelSpec`.
+def resolve_model(name: str, kind: ModelKind | None = None, registry: tuple[str, str] | None = None) -> ModelSpec:
+    """Resolve a registry name, alias, local path, published artifact or hub id to a :class:`ModelSpec`.
 
     Args:
         name: What the user configured.
         kind: Expected kind; a registry model of another kind is an error.
+        registry: ``(root, cache_dir)`` of the artifact registry, to resolve a published
+            embedder or reranker by name or alias (``embedder-latest``); None skips artifacts.
 
     Raises:
         ModelNotFoundError: unknown name (the message lists the known ones) or wrong kind.
@@ -211,11 +216,41 @@ def resolve_model(name: str, kind: ModelKind | None = None) -> ModelSpec:
             gguf_file=gguf,
             query_instruction=_local_query_instruction(directory),
         )
+    if registry is not None and (spec := _artifact_spec(name, kind, registry)) is not None:
+        return spec
     if _looks_like_hub_id(name):
         return ModelSpec(name=name, kind=kind or "embedder", source="hub", ref=name, description="hub model")
     known = ", ".join(m.name for m in BUILTIN_MODELS if kind is None or m.kind == kind)
     raise ModelNotFoundError(
         f"unknown model '{name}': not a registry name ({known}), an existing path, or a hub id (org/name)"
+    )
+
+
+#: Artifact kinds that stand for each model kind (a reranker artifact is a cross-encoder).
+_ARTIFACT_KINDS = {"embedder": "embedder", "reranker": "reranker"}
+
+
+def _artifact_spec(name: str, kind: ModelKind | None, registry: tuple[str, str]) -> ModelSpec | None:
+    """A published embedder/reranker artifact as a local model, or None when ``name`` is not one."""
+    from ragops.artifacts import Registry
+
+    reg = Registry(registry[0], cache_dir=Path(registry[1]))
+    if "/" in name or not reg.has(name):
+        return None
+    art = reg.get(name)
+    if not art.is_encoder:
+        raise ModelNotFoundError(f"artifact '{name}' is a {art.kind} artifact, not an embedder or reranker model")
+    if kind is not None and _ARTIFACT_KINDS.get(art.kind) != kind:
+        raise ModelNotFoundError(f"artifact '{name}' is a {art.kind} model, not a {kind}")
+    directory = reg.local_dir(art.name)
+    return ModelSpec(
+        name=name,
+        kind=_ARTIFACT_KINDS[art.kind],  # type: ignore[arg-type]
+        source="local",
+        ref=str(directory),
+        description=f"{art.kind} artifact {art.name} (fine-tuned from {art.base_model})",
+        query_instruction=_local_query_instruction(directory),
+        artifact=art.name,
     )
 
 

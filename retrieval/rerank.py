@@ -56,7 +56,7 @@ class Reranker:
             raise ValueError("Reranker needs retrieval.rerank.model to be set")
         self.cfg = cfg
         self.device = device
-        self.spec: ModelSpec = resolve_model(cfg.model, kind="reranker")
+        self.spec: ModelSpec = resolve_model(cfg.model, kind="reranker", registry=cfg._registry)
         self._model: Any = None
         self._lock = threading.Lock()
 

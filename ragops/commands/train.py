@@ -9,6 +9,7 @@ coefficient, entropy, tokens/s); the summary names the published artifact and it
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +62,10 @@ ResumeOpt = Annotated[
 TagOpt = Annotated[list[str] | None, typer.Option("--tag", help="key=value tag stored with the run (repeatable).")]
 
 
+#: Held-out ranking metrics of the embedder / reranker runs (before and after training).
+_RANKING_METRIC = re.compile(r"^(initial_)?eval_(ndcg|recall|mrr|map)_at_\d+$")
+
+
 def _fmt(value: Any, spec: str = ".4g") -> str:
     return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
 
@@ -81,6 +86,11 @@ _PROGRESS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
     ),
 }  # fmt: skip
 _PROGRESS["reward"] = _PROGRESS["sft"]
+_PROGRESS["embedder"] = (
+    "steps · loss {task.fields[loss]} · {task.fields[eps]} examples/s · {task.fields[note]}",
+    {"loss": ("loss", ".4g"), "eps": ("examples_per_s", ".1f")},
+)
+_PROGRESS["reranker"] = _PROGRESS["embedder"]
 
 
 def _run_training(
@@ -110,6 +120,10 @@ def _run_training(
             if stage == "data":
                 if kind == "ppo":
                     note = f"{info['train_examples']} prompts ({info.get('with_passages', 0)} with passages)"
+                elif kind in ("embedder", "reranker"):
+                    neg = info.get("negatives", {})
+                    note = (f"{info['train_examples']} train / {info['eval_examples']} held-out pairs, "
+                            f"{neg.get('mined', 0)} mined + {neg.get('random', 0)} random negatives")  # fmt: skip
                 else:
                     note = f"{info['train_examples']} train / {info['eval_examples']} eval examples"
                 err.print(f"data: {info['records']} records → {note}" + (f", {info['retrieved']} retrieved" if info.get("retrieved") else ""))
@@ -117,6 +131,10 @@ def _run_training(
             elif stage == "run":
                 verb = "resuming" if info["resumed"] else "run"
                 err.print(f"{verb} {info['run_id']} → {info['run_dir']}")
+            elif stage == "synthesize":
+                progress.update(task, note=f"writing synthetic queries for {info['chunks']} chunks")
+            elif stage == "mine":
+                progress.update(task, note=f"mining {info['negatives']} hard negatives for {info['pairs']} pairs")
             elif stage == "publish":
                 progress.update(task, note="published")
 
@@ -179,6 +197,7 @@ def _print_summary(d: dict[str, Any]) -> None:
         "train_loss", "final_loss", "eval_loss", "eval_perplexity", "initial_eval_pairwise_accuracy", "eval_pairwise_accuracy",
         "initial_reward", "final_reward", "final_kl", "kl_coef", "final_entropy", "train_time_s", "peak_rss_mb",
     )  # fmt: skip
+    keys += tuple(sorted(k for k in m if _RANKING_METRIC.match(k)))
     for key in keys:
         if key in m:
             table.add_row(key, _fmt(m[key]))
@@ -191,6 +210,10 @@ def _print_summary(d: dict[str, Any]) -> None:
     out.print(table)
     if d["kind"] == "reward":
         out.print(f"reward model: {d['artifact']} (use it: ragops train ppo --reward {d['artifact']} ...)")
+    elif d["kind"] == "embedder":
+        out.print(f"embedder: {d['artifact']} (re-embed the index with it: ragops index reembed --embedder {d['artifact']})")
+    elif d["kind"] == "reranker":
+        out.print(f"reranker: {d['artifact']} (use it: --set retrieval.rerank.model={d['artifact']})")
     else:
         out.print(f"use it: ragops ask --model {d['artifact']} \"...\"")
 
@@ -302,3 +325,118 @@ def train_ppo(
         ),
         as_json,
     )  # fmt: skip
+
+
+# -- retrieval models ------------------------------------------------------------------------
+PairDataOpt = Annotated[
+    list[str] | None,
+    typer.Option("--data", help='Pair files: JSONL of {"query", "positive"} (optional "doc_id", "negatives"); a file, folder or glob (repeatable).'),
+]
+FeedbackOpt = Annotated[
+    bool, typer.Option("--feedback", help="Add the chat endpoint's up-rated answers: the question with the passages the answer cited.")
+]
+SynthesizeOpt = Annotated[
+    int,
+    typer.Option(
+        "--synthesize", min=0,
+        help="Write synthetic queries for N sampled chunks (generator-written questions plus heading / first-sentence "
+        "queries); kept only if BM25 finds their chunk in its top 20.",
+    ),
+]  # fmt: skip
+EvalDataOpt = Annotated[
+    list[str] | None,
+    typer.Option("--eval-data", help="Pair files to evaluate on instead of a held-out share of the documents; may share no document with training."),
+]
+ExcludeOpt = Annotated[
+    str | None,
+    typer.Option("--exclude-docs", help='Document ids never trained on, e.g. a benchmark\'s test qrels (JSONL with "doc_id", or one id per line).'),
+]
+CollectionTrainOpt = Annotated[str | None, typer.Option("--collection", help="Collection to mine and synthesize from (default: vectorstore.collection).")]
+
+
+def _run_retriever(kind: str, data: list[str] | None, feedback: bool, synthesize: int, eval_data: list[str] | None,
+                   exclude_docs: str | None, collection: str | None, base: str | None, workers: int | None, gpu: bool,
+                   max_steps: int | None, resume: str | None, tag: list[str] | None, config: list[str] | None,
+                   set_: list[str] | None, data_dir: Path | None, schedule_timeout: float | None, as_json: bool) -> None:  # fmt: skip
+    from ragops.finetune.retriever_train import train_retriever
+
+    settings = settings_from(config, with_schedule_timeout(set_, schedule_timeout), data_dir)
+    tags = parse_tags(tag)
+    _run_training(
+        kind,
+        settings,
+        lambda on_step, on_event: train_retriever(
+            settings, kind, data=data or [], feedback=feedback, synthesize=synthesize, eval_data=eval_data or [],  # type: ignore[arg-type]
+            exclude_docs=exclude_docs, collection=collection, base_model=base, workers=workers,
+            use_gpu=True if gpu else None, max_steps=max_steps, resume=resume, tags=tags, progress=on_step, on_event=on_event,
+        ),
+        as_json,
+    )  # fmt: skip
+
+
+@train_app.command("embedder")
+@handle_errors
+def train_embedder(
+    data: PairDataOpt = None,
+    feedback: FeedbackOpt = False,
+    synthesize: SynthesizeOpt = 0,
+    eval_data: EvalDataOpt = None,
+    exclude_docs: ExcludeOpt = None,
+    collection: CollectionTrainOpt = None,
+    base: Annotated[str | None, typer.Option("--base", help="Embedder to start from (default: finetune.embedder.base_model, else embedder.model).")] = None,
+    workers: WorkersOpt = None,
+    gpu: GpuOpt = False,
+    max_steps: MaxStepsOpt = None,
+    resume: ResumeOpt = None,
+    tag: TagOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    data_dir: DataDirOpt = None,
+    schedule_timeout: ScheduleTimeoutOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fine-tune the dense embedder on (query, passage) pairs with in-batch and mined hard negatives.
+
+    Pairs come from --data files, --feedback and/or --synthesize N; hard negatives are the chunks
+    of other documents the current index ranks high. Whole documents are held out, and nDCG /
+    recall / MRR@10 on them are measured before and after training. The model is published as
+    embedder-YYYYMMDD-HHMM-xxxx (embedder-latest moves to it), with the held-out split beside it
+    (heldout_queries.jsonl / heldout_qrels.jsonl for `ragops eval retrieval`).
+    """
+    _run_retriever("embedder", data, feedback, synthesize, eval_data, exclude_docs, collection, base, workers, gpu,
+                   max_steps, resume, tag, config, set_, data_dir, schedule_timeout, as_json)  # fmt: skip
+
+
+@train_app.command("reranker")
+@handle_errors
+def train_reranker(
+    data: PairDataOpt = None,
+    feedback: FeedbackOpt = False,
+    synthesize: SynthesizeOpt = 0,
+    eval_data: EvalDataOpt = None,
+    exclude_docs: ExcludeOpt = None,
+    collection: CollectionTrainOpt = None,
+    base: Annotated[
+        str | None,
+        typer.Option("--base", help="Cross-encoder or plain encoder to start from (default: retrieval.rerank.model, else embedder.model)."),
+    ] = None,
+    workers: WorkersOpt = None,
+    gpu: GpuOpt = False,
+    max_steps: MaxStepsOpt = None,
+    resume: ResumeOpt = None,
+    tag: TagOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    data_dir: DataDirOpt = None,
+    schedule_timeout: ScheduleTimeoutOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fine-tune a cross-encoder reranker on the same pairs: positives 1, mined hard negatives 0.
+
+    A plain encoder (the packaged MiniLM) gets a new score head. nDCG@10 of re-ranking each
+    held-out query's positive among ten hard negatives is measured before and after. Published as
+    reranker-YYYYMMDD-HHMM-xxxx (reranker-latest moves to it); use it with
+    --set retrieval.rerank.model=reranker-latest.
+    """
+    _run_retriever("reranker", data, feedback, synthesize, eval_data, exclude_docs, collection, base, workers, gpu,
+                   max_steps, resume, tag, config, set_, data_dir, schedule_timeout, as_json)  # fmt: skip
