@@ -92,6 +92,11 @@ def embedder_train_loop(config: dict[str, Any], session: TrainSession) -> None:
     opts = LoopOptions.from_settings(st.model_dump())
     model = SentenceTransformer(config["base"]["path"], device="cuda" if config.get("use_gpu") else "cpu", local_files_only=True)
     model.max_seq_length = min(int(model.max_seq_length or st.max_length), st.max_length)
+    # BERT's pooler head is unused by sentence pooling; DDP (Ray Train's workers) refuses
+    # parameters that get no gradient, and searching for them each step costs time.
+    for module in model.modules():
+        if (pooler := getattr(module, "pooler", None)) is not None and hasattr(pooler, "parameters"):
+            pooler.requires_grad_(False)
     held = config.get("eval")
     evaluator = None
     if held:
