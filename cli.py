@@ -41,13 +41,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-index_app = typer.Typer(help="Inspect or drop a collection.", no_args_is_help=True)
+index_app = typer.Typer(help="Inspect, re-embed or drop a collection.", no_args_is_help=True)
 config_app = typer.Typer(help="Show or validate configuration.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 app.add_typer(config_app, name="config")
 
 from ragops.commands.cluster import cluster_app, job_app, kuberay_app  # noqa: E402
 from ragops.commands.models import models_app  # noqa: E402
+from ragops.commands.reembed import index_reembed  # noqa: E402
 from ragops.commands.runs import runs_app  # noqa: E402
 from ragops.commands.llmops import ab_app, loop_command, serve_split  # noqa: E402
 from ragops.commands.serve import serve_command  # noqa: E402
@@ -179,6 +180,9 @@ def index_stats(
     out.print(table)
 
 
+index_app.command("reembed")(index_reembed)
+
+
 @index_app.command("drop")
 @handle_errors
 def index_drop(
@@ -188,7 +192,11 @@ def index_drop(
     data_dir: DataDirOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Delete a collection and its points (its manifest history is kept)."""
+    """Delete a collection and its points (its manifest history is kept).
+
+    The collection an alias serves (see `ragops index reembed`) cannot be dropped; the ones a
+    re-embed left behind are dropped by their own names.
+    """
     from ragops.index import drop_collection
 
     dropped = drop_collection(settings_from(config, set_, data_dir), collection)

@@ -39,6 +39,7 @@ from ragops.errors import CollectionError, InputError
 from ragops.manifest import append_record
 from ragops.model_registry import resolve_model
 from ragops.vectorstore import open_store
+from ragops.vectorstore.aliases import live_settings
 from ragops.watchdog import Watchdog
 from ragops.vectorstore.base import CollectionSpec, VectorStore
 from ragops.tracking import telemetry
@@ -300,14 +301,18 @@ def _run_ingest(settings: Settings, roots: list[str], collection: str | None, pr
     timings: dict[str, float] = {}
     with _timed(timings, "discover"):
         files = discover(roots, settings.ingest.loader)
-    store, spec = open_collection(settings, collection)
+    # An alias moved by `ragops index reembed` brings its embedder along (see live_settings);
+    # the run is recorded under the name the user gave, whichever collection serves it now.
+    name = collection or settings.vectorstore.collection
+    settings, physical = live_settings(settings, name)
+    store, spec = open_collection(settings, physical)
     try:
         with _timed(timings, "scan"):
             states = scan_index(store)
         known = {doc_id: fp for doc_id, st in states.items() if (fp := st.complete_fingerprint())}
         report = IngestReport(
             run_id=datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6],
-            collection=store.collection,
+            collection=name,
             embedder=spec.embedder,
             config_hash=pipeline_fingerprint(settings),
             roots=[str(r) for r in roots],

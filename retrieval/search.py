@@ -344,7 +344,9 @@ class Retriever:
     """Searches one collection: dense, BM25 or hybrid, with filters and optional reranking.
 
     The store opens lazily (first search or :meth:`warm_up`) unless one is given; the
-    collection must exist and have been built with ``settings.embedder.model``.
+    collection must exist and have been built with ``settings.embedder.model``. A collection
+    name that is an alias (``ragops index reembed``) is resolved once, here, together with
+    the embedder of the collection it points at (:func:`~ragops.vectorstore.aliases.live_settings`).
 
     Args:
         settings: Full settings (embedder, ingest.sparse, vectorstore, retrieval).
@@ -372,8 +374,13 @@ class Retriever:
     ) -> None:
         if store is not None and collection is not None and collection != store.collection:
             raise ValueError(f"collection '{collection}' differs from the given store's '{store.collection}'")
-        self.settings = settings
         self.collection = store.collection if store is not None else (collection or settings.vectorstore.collection)
+        self._physical = self.collection
+        if store is None:
+            from ragops.vectorstore.aliases import live_settings
+
+            settings, self._physical = live_settings(settings, self.collection)
+        self.settings = settings
         self.encoder = encoder or QueryEncoder(settings.embedder, settings.ingest.sparse)
         rerank_cfg = settings.retrieval.rerank
         self.reranker = reranker or (Reranker(rerank_cfg, device=settings.embedder.device) if rerank_cfg.model else None)
@@ -428,7 +435,7 @@ class Retriever:
             if self._store is None:
                 from ragops.vectorstore import open_store
 
-                self._store = open_store(self.settings.vectorstore, self.settings.data_dir, self.collection)
+                self._store = open_store(self.settings.vectorstore, self.settings.data_dir, self._physical)
             try:
                 self._spec = self._check_spec(self._store.get_spec())
             except Exception:
@@ -447,7 +454,8 @@ class Retriever:
             raise CollectionError(
                 f"collection '{name}' was built with embedder '{spec.embedder}', but the configuration uses "
                 f"'{configured}': query vectors from another embedder do not live in the same space as the "
-                f"stored ones. Search with --set embedder.model={spec.embedder}, or re-ingest into another "
+                f"stored ones. Search with --set embedder.model={spec.embedder}, re-embed the collection "
+                f"with `ragops index reembed --embedder {configured}`, or re-ingest into another "
                 f"collection with the current embedder (ragops ingest PATH --collection NAME)."
             )
         return spec

@@ -63,7 +63,9 @@ def open_store(cfg: VectorStoreConfig, data_dir: Path, collection: str | None = 
             server (API key from the env var named by ``cfg.api_key_env``), ``':memory:'``
             or ``'path:DIR'`` for qdrant-client's local mode.
         data_dir: The project's data directory (where Edge collections live).
-        collection: Overrides ``cfg.collection``.
+        collection: Overrides ``cfg.collection``. An alias (see
+            :mod:`ragops.vectorstore.aliases`) is resolved here, once: the store stays on the
+            physical collection it was opened on, whatever the alias does later.
 
     Returns:
         A store; close it (or use it as a context manager) to release the Edge lock.
@@ -74,14 +76,22 @@ def open_store(cfg: VectorStoreConfig, data_dir: Path, collection: str | None = 
     """
     name = collection or cfg.collection
     if cfg.backend == "edge":
+        from ragops.vectorstore.aliases import EdgeCatalog
         from ragops.vectorstore.edge import EdgeStore
 
-        return EdgeStore(Path(data_dir), name)
+        return EdgeStore(Path(data_dir), EdgeCatalog(Path(data_dir)).resolve(name) or name)
     if cfg.backend == "qdrant":
         from ragops.errors import ConfigError
-        from ragops.vectorstore.server import QdrantServerStore
+        from ragops.vectorstore.aliases import ServerCatalog
+        from ragops.vectorstore.server import QdrantServerStore, connect
 
         if not cfg.url:
             raise ConfigError("vectorstore.url is required when vectorstore.backend is 'qdrant'")
-        return QdrantServerStore.from_url(cfg.url, name, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout_s)
+        client, local, where = connect(cfg.url, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout_s)
+        store = QdrantServerStore(client, name, local=local, where=where)
+        try:
+            store.collection = ServerCatalog(client, local=local, where=where).resolve(name) or name
+        except Exception:  # noqa: BLE001 - unreachable: the store's first call reports it, as before
+            pass
+        return store
     raise ValueError(f"unknown vectorstore backend {cfg.backend!r}")

@@ -62,11 +62,12 @@ class Point:
 
 @dataclass
 class Record:
-    """A stored point as read back by scroll/retrieve."""
+    """A stored point as read back by scroll/retrieve (vectors only when asked for)."""
 
     id: str
     payload: dict[str, Any]
     vector: list[float] | None = None
+    sparse: SparseVector | None = None
 
 
 @dataclass
@@ -161,8 +162,13 @@ class VectorStore(Protocol):
         fields: Sequence[str] | None = None,
         batch_size: int = 1024,
         with_vectors: bool = False,
+        with_sparse: bool = False,
     ) -> Iterator[Record]:
-        """Iterate over all (matching) points; ``fields`` limits the payload returned."""
+        """Iterate over all (matching) points; ``fields`` limits the payload returned.
+
+        ``with_sparse`` also returns the stored BM25 vector (what ``ragops index reembed``
+        carries over unchanged).
+        """
         ...
 
     def retrieve(self, ids: Sequence[str]) -> list[Record]:

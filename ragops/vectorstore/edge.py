@@ -59,6 +59,7 @@ from ragops.vectorstore.translate import (
     missing_collection,
     normalize_spec,
     plan_mode,
+    sparse_from_engine,
     spec_from_dict,
 )
 
@@ -400,6 +401,7 @@ class EdgeStore:
         fields: Sequence[str] | None = None,
         batch_size: int = 1024,
         with_vectors: bool = False,
+        with_sparse: bool = False,
     ) -> Iterator[Record]:
         """Iterate over all (matching) points in id order, ``batch_size`` per engine call.
 
@@ -408,11 +410,13 @@ class EdgeStore:
             fields: Payload keys to return; None returns the whole payload, ``[]`` none.
             batch_size: Points fetched per page.
             with_vectors: Also return the dense vector (as stored: normalised for cosine).
+            with_sparse: Also return the BM25 sparse vector (None where the point has none).
         """
         shard, _ = self._require()
         translated = edge_filter(flt)
         with_payload: bool | list[str] = True if fields is None else (list(fields) or False)
-        with_vector: bool | list[str] = [DENSE_VECTOR] if with_vectors else False
+        wanted = [DENSE_VECTOR] * with_vectors + [SPARSE_VECTOR] * with_sparse
+        with_vector: bool | list[str] = wanted or False
         offset: Any = None
         while True:
             records, offset = shard.scroll(
@@ -421,8 +425,10 @@ class EdgeStore:
                 )
             )
             for r in records:
-                vector = (r.vector or {}).get(DENSE_VECTOR) if with_vectors else None
-                yield Record(id=str(r.id), payload=r.payload or {}, vector=vector)
+                vectors = r.vector or {}
+                vector = vectors.get(DENSE_VECTOR) if with_vectors else None
+                sparse = sparse_from_engine(vectors.get(SPARSE_VECTOR)) if with_sparse else None
+                yield Record(id=str(r.id), payload=r.payload or {}, vector=vector, sparse=sparse)
             if offset is None:
                 return
 

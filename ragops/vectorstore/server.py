@@ -53,6 +53,7 @@ from ragops.vectorstore.translate import (
     missing_collection,
     normalize_spec,
     plan_mode,
+    sparse_from_engine,
     spec_from_dict,
     spec_to_dict,
 )
@@ -358,6 +359,7 @@ class QdrantServerStore:
         fields: Sequence[str] | None = None,
         batch_size: int = 1024,
         with_vectors: bool = False,
+        with_sparse: bool = False,
     ) -> Iterator[Record]:
         """Iterate over all (matching) points, ``batch_size`` per request.
 
@@ -366,11 +368,13 @@ class QdrantServerStore:
             fields: Payload keys to return; None returns the whole payload, ``[]`` none.
             batch_size: Points fetched per page.
             with_vectors: Also return the dense vector (as stored: normalised for cosine).
+            with_sparse: Also return the BM25 sparse vector (None where the point has none).
         """
         self._require()
         translated = client_filter(flt)
         with_payload: bool | list[str] = True if fields is None else (list(fields) or False)
-        with_vec: bool | list[str] = [DENSE_VECTOR] if with_vectors else False
+        wanted = [DENSE_VECTOR] * with_vectors + [SPARSE_VECTOR] * with_sparse
+        with_vec: bool | list[str] = wanted or False
         offset: Any = None
         while True:
             with self._reach():
@@ -383,10 +387,10 @@ class QdrantServerStore:
                     with_vectors=with_vec,
                 )
             for r in records:
-                vector = None
-                if with_vectors and isinstance(r.vector, dict):
-                    vector = r.vector.get(DENSE_VECTOR)
-                yield Record(id=str(r.id), payload=r.payload or {}, vector=vector)
+                vectors = r.vector if isinstance(r.vector, dict) else {}
+                vector = vectors.get(DENSE_VECTOR) if with_vectors else None
+                sparse = sparse_from_engine(vectors.get(SPARSE_VECTOR)) if with_sparse else None
+                yield Record(id=str(r.id), payload=r.payload or {}, vector=vector, sparse=sparse)  # type: ignore[arg-type]
             if offset is None:
                 return
 

@@ -40,6 +40,13 @@ _DISTANCES = ("cosine", "dot")
 # ---------------------------------------------------------------------------------------
 
 
+def sparse_from_engine(value: Any) -> SparseVector | None:
+    """A stored sparse vector as read back by either engine (``.indices``/``.values``), or None."""
+    if value is None or not hasattr(value, "indices"):
+        return None
+    return SparseVector(indices=[int(i) for i in value.indices], values=[float(v) for v in value.values])
+
+
 def spec_to_dict(spec: CollectionSpec) -> dict[str, Any]:
     """JSON-ready form of a spec (what the spec file / collection metadata holds)."""
     return asdict(spec)
@@ -87,8 +94,8 @@ def check_spec(existing: CollectionSpec, wanted: CollectionSpec) -> None:
     raise CollectionError(
         f"collection '{name}' was built with {_describe(existing)}, but the current configuration "
         f"uses {_describe(wanted)}. Vectors from different embedders cannot be mixed: use another "
-        f"collection (--collection NAME), or run `ragops index drop --collection {name}` and "
-        f"re-ingest."
+        f"collection (--collection NAME), re-embed this one in place with `ragops index reembed "
+        f"--embedder {wanted.embedder}`, or run `ragops index drop --collection {name}` and re-ingest."
     )
 
 
