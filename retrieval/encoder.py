@@ -42,12 +42,15 @@ class EncodedQuery:
             limit and was cut to it.
         tokens: Tokens the dense model would read without truncation (special tokens and
             instruction included); 0 when dense encoding was skipped.
+        collection: The physical collection these vectors were made for (set by the serving
+            query embedder, which follows collection aliases; None: the configured one).
     """
 
     dense: np.ndarray | None
     sparse: SparseVector
     truncated: bool = False
     tokens: int = 0
+    collection: str | None = None
 
 
 def _check_queries(queries: Sequence[str]) -> list[str]:

@@ -1,7 +1,7 @@
 """Query-embedder deployment: dense query vectors + BM25 vectors, and /v1/embeddings.
 
-Wraps :class:`~ragops.retrieval.encoder.QueryEncoder` (the same encoder ``ragops search`` uses)
-with Ray Serve dynamic batching: concurrent queries are encoded in one forward pass. Model
+Wraps :class:`~ragops.retrieval.encoder.QueryEncoder` (the same encoder ``ragops search`` uses;
+the live collection's, see :mod:`ragops.serve.live`) with Ray Serve dynamic batching: concurrent queries are encoded in one forward pass. Model
 work runs on one thread per replica, so the event loop stays free to collect the next batch.
 """
 
@@ -16,6 +16,7 @@ from ray import serve
 from ragops.embeddings import TextEmbedder
 from ragops.errors import InputError
 from ragops.retrieval.encoder import EncodedQuery, QueryEncoder
+from ragops.serve.live import LiveEncoder
 from ragops.serve.replica import replica_settings
 from ragops.tracking import telemetry
 
@@ -32,15 +33,27 @@ class QueryEmbedder:
         self.settings = replica_settings(settings, "embedder")
         cfg = self.settings.serve.embedder
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
-        self.encoder = QueryEncoder(self.settings.embedder, self.settings.ingest.sparse)
-        self.encoder.warm_up()
+        # Follows the collection alias (`ragops index reembed`): see ragops.serve.live.
+        self.live = LiveEncoder(self.settings)
         # Passage-side embeddings use the passage model; with a separate query tower that is
         # another model, loaded on the first passage request only.
-        same = not self.settings.embedder.query_model
-        self._passages: TextEmbedder | None = self.encoder.embedder if same else None
+        self._passages: TextEmbedder | None = None
         self._encode_batch.set_max_batch_size(cfg.max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self._ready = True
+
+    @property
+    def encoder(self) -> QueryEncoder:
+        """The query encoder of the live collection."""
+        return self.live.current()[2]
+
+    def _encode(self, queries: list[str]) -> list[EncodedQuery]:
+        # One (collection, encoder) pair per batch: the vectors say which collection they fit.
+        physical, _, encoder = self.live.current()
+        encoded = encoder.encode_batch(queries)
+        for q in encoded:
+            q.collection = physical
+        return encoded
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -56,13 +69,13 @@ class QueryEmbedder:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _encode_batch(self, queries: list[str]) -> list[EncodedQuery | Exception]:
         try:
-            return await self._run(self.encoder.encode_batch, queries)
+            return await self._run(self._encode, queries)
         except InputError:
             # One bad query must not fail the others: encode them one by one.
             out: list[EncodedQuery | Exception] = []
             for q in queries:
                 try:
-                    out.extend(await self._run(self.encoder.encode_batch, [q]))
+                    out.extend(await self._run(self._encode, [q]))
                 except InputError as exc:
                     out.append(exc)
             return out
@@ -77,6 +90,8 @@ class QueryEmbedder:
         if input_type == "query":
             model = self.encoder.embedder
             vectors = model.encode_queries(texts)
+        elif not self.settings.embedder.query_model:
+            model = self.encoder.embedder  # the live passage model encodes both sides
         else:
             if self._passages is None:
                 self._passages = TextEmbedder(self.settings.embedder)

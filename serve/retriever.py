@@ -12,6 +12,10 @@ The embedded Qdrant Edge shard can be opened by one process only: the app refuse
 one replica of this deployment with the Edge backend, and a replica that starts while an old
 one still holds the shard (a redeploy) waits for it to be released. With a Qdrant server the
 deployment scales out and searches run ``serve.retriever.search_threads`` at a time.
+
+After ``ragops index reembed`` moves the collection alias, each query is searched in the
+collection its vectors were encoded for, and the new one becomes live within seconds
+(:mod:`ragops.serve.live`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ragops.errors import StoreLockedError
 from ragops.retrieval.context import expand_neighbors
 from ragops.retrieval.encoder import EncodedQuery
 from ragops.retrieval.search import Retriever, SearchResult
+from ragops.serve.live import LiveStores
 from ragops.serve.replica import replica_settings
 from ragops.tracking import telemetry
 from ragops.vectorstore import VectorStore, open_store
@@ -84,7 +89,8 @@ class RetrieverDeployment:
         # Edge is single-process and its queries take about a millisecond: one thread.
         workers = 1 if edge else self.settings.serve.retriever.search_threads
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="search")
-        self._store: VectorStore = self._open()
+        # The live collection and any other a query was encoded for (ragops.serve.live).
+        self._stores = LiveStores(self.settings, self._open)
         # The library retriever here never reranks (nor loads a cross-encoder): that is the
         # reranker deployment's work, on the candidates the ingress asks for.
         retrieval = self.settings.retrieval.model_copy(
@@ -94,20 +100,27 @@ class RetrieverDeployment:
         # Fail at start (clear message) rather than on the first query.
         self._retriever([]).spec  # noqa: B018 - checks the collection and its embedder
 
-    def _open(self) -> VectorStore:
+    @property
+    def _store(self) -> VectorStore:
+        """The live collection's store."""
+        return self._stores.store
+
+    def _open(self, collection: str | None = None) -> VectorStore:
         s = self.settings
         waited = time.monotonic() + LOCK_WAIT_S
         while True:
             try:
-                return open_store(s.vectorstore, s.data_dir)
+                return open_store(s.vectorstore, s.data_dir, collection)
             except StoreLockedError:
                 if time.monotonic() > waited:
                     raise
                 time.sleep(0.5)  # the replica this one replaces may still be closing the shard
 
-    def _retriever(self, encoded: Sequence[EncodedQuery]) -> Retriever:
-        encoder = GivenQueryVectors(encoded, self.settings.embedder.model)
-        return Retriever(self._search_settings, store=self._store, encoder=encoder)  # type: ignore[arg-type]
+    def _retriever(self, encoded: Sequence[EncodedQuery], store: VectorStore | None = None) -> Retriever:
+        store = store or self._store
+        settings = self._stores.settings_for(store, self._search_settings)
+        encoder = GivenQueryVectors(encoded, settings.embedder.model)
+        return Retriever(settings, store=store, encoder=encoder)  # type: ignore[arg-type]
 
     async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -122,7 +135,13 @@ class RetrieverDeployment:
 
     async def _search(self, query: str, encoded: EncodedQuery, params: dict[str, Any]) -> SearchResult:
         keys = ("k", "mode", "fusion", "filters", "score_threshold")
-        return await self._run(self._retriever([encoded]).search, query, **{k: params.get(k) for k in keys})
+
+        def search() -> SearchResult:
+            # The collection the query's vectors were made for (they may predate an alias move).
+            store = self._stores.get(getattr(encoded, "collection", None))
+            return self._retriever([encoded], store).search(query, **{k: params.get(k) for k in keys})
+
+        return await self._run(search)
 
     async def retrieve(self, query: str, encoded: EncodedQuery, params: dict[str, Any],
                        trace_context: dict[str, str] | None = None) -> SearchResult:  # fmt: skip
@@ -156,8 +175,7 @@ class RetrieverDeployment:
         """Close and reopen the store (e.g. after the collection was rebuilt on a Qdrant server)."""
 
         def reopen() -> None:
-            self._store.close()
-            self._store = self._open()
+            self._stores.reopen()
             self._retriever([]).spec  # noqa: B018
 
         await self._run(reopen)
@@ -169,6 +187,6 @@ class RetrieverDeployment:
             raise RuntimeError(f"collection '{self._store.collection}' is missing")
 
     def __del__(self) -> None:
-        store = getattr(self, "_store", None)
-        if store is not None:
-            store.close()  # release the Edge lock for the next replica
+        stores = getattr(self, "_stores", None)
+        if stores is not None:
+            stores.close()  # release the Edge locks for the next replica

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,37 +22,15 @@ from ragops.manifest import read_records
 from ragops.retrieval.search import Retriever
 from ragops.vectorstore import open_store
 from ragops.vectorstore.aliases import EdgeCatalog, live_settings, slug
-from tests.conftest import minilm_dir
+from tests.ingest._models import build_sentence_model
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _build_model(target: Path, hidden: int) -> Path:
-    """A 2-layer BERT of width ``hidden`` saved as a sentence-transformers model (random weights)."""
-    import torch
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    torch.manual_seed(1)
-    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=2 * hidden, max_position_embeddings=512)  # fmt: skip
-    raw = target / "hf"
-    BertModel(cfg).save_pretrained(raw)
-    tok.save_pretrained(raw)
-    word = Transformer(str(raw), max_seq_length=128)
-    model = SentenceTransformer(modules=[word, Pooling(word.get_embedding_dimension(), pooling_mode="mean")])
-    out = target / "wide-model"
-    model.save(str(out))
-    shutil.rmtree(raw)
-    return out
 
 
 @pytest.fixture(scope="module")
 def wide_embedder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second tiny embedder of another dimension (48) than the session's (32)."""
-    return _build_model(tmp_path_factory.mktemp("wide-embedder"), 48)
+    return build_sentence_model(tmp_path_factory.mktemp("wide-embedder"), 48)
 
 
 def _corpus(root: Path, n: int = 5) -> Path:
