@@ -225,3 +225,23 @@ def test_cli_trains_an_embedder_on_ray_train(indexed: Any, tmp_path: Path, ray_l
     help_text = CliRunner().invoke(cli(), ["train", "embedder", "--help"]).stdout
     for flag in ("--data", "--feedback", "--synthesize", "--eval-data", "--exclude-docs"):
         assert flag in help_text
+
+
+def test_generated_queries_go_through_the_generator_and_the_bm25_filter(
+    make_settings: Any, sample_docs: Path, tiny_llm_dir: Path
+) -> None:
+    """The generator path end to end on the tiny LM: whatever it writes is cleaned, counted, filtered."""
+    from ragops.finetune.retriever_synth import _clean_question, synthesize
+    from ragops.ingest.pipeline import run_ingest
+
+    assert _clean_question("Question: What does MIG isolate?\n\nmore") == "What does MIG isolate?"
+    assert _clean_question("ok") is None and _clean_question("\n\n") is None
+    settings = make_settings(f"generator.model={tiny_llm_dir}", "generator.engine=transformers")
+    run_ingest(settings, [str(sample_docs)])
+    corpus = load_corpus(settings)
+    seen: list[int] = []
+    kept, stats = synthesize(settings, corpus, 6, generated_share=0.5, filter_k=20, seed=0, progress=seen.append)
+    assert stats["sampled"] == 6 and seen == [1, 2, 3]  # three chunks went to the generator
+    assert stats["generated"] <= 3 and stats["structural"] <= 3
+    assert stats["kept"] + stats["dropped_by_bm25"] == stats["generated"] + stats["structural"] == len(kept) + stats["dropped_by_bm25"]
+    assert all(p.chunk_id in {c.chunk_id for c in corpus} for p in kept)
