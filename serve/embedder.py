@@ -90,12 +90,13 @@ class QueryEmbedder:
         if input_type == "query":
             model = self.encoder.embedder
             vectors = model.encode_queries(texts)
-        elif not self.settings.embedder.query_model:
-            model = self.encoder.embedder  # the live passage model encodes both sides
         else:
-            if self._passages is None:
-                self._passages = TextEmbedder(self.settings.embedder)
-            model = self._passages
+            if not self.settings.embedder.query_model:
+                model = self.encoder.embedder  # the live passage model encodes both sides
+            else:
+                if self._passages is None:
+                    self._passages = TextEmbedder(self.settings.embedder)
+                model = self._passages
             vectors = model.encode_passages(texts)
         tokens = sum(len(ids) for ids in model.tokenizer(list(texts), add_special_tokens=True)["input_ids"])
         return {"vectors": vectors.tolist(), "tokens": tokens}
