@@ -119,25 +119,30 @@ class PairSettings(_Strict):
     seed: int = Field(0, description="Seed for sampling chunks, negatives and the held-out documents.")
 
 
-class EmbedderTrainSettings(TrainerSettings):
-    """Bi-encoder fine-tuning (``ragops train embedder``): in-batch plus mined hard negatives."""
+class _RetrieverTrainSettings(TrainerSettings):
+    """What the embedder and reranker trainers share: full fine-tuning of a small encoder."""
 
-    base_model: str | None = Field(None, description="Embedder to start from (registry name, artifact or path); None: embedder.model.")
-    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW); full fine-tuning, no LoRA.")
     lr_scheduler: Literal[
         "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
     ] = Field("linear", description="Learning-rate schedule after warm-up.")
     warmup: float = Field(0.1, ge=0, description="Warm-up: a fraction of the steps when < 1, else a step count.")
-    batch_size: int = Field(32, ge=2, description="Queries per batch: each one's positives are the others' in-batch negatives.")
-    max_length: int = Field(256, ge=16, description="Tokens per passage or query; longer ones are truncated.")
     save_steps: int = Field(100, ge=1, description="Checkpoint every N optimizer steps (and at the end).")
     logging_steps: int = Field(5, ge=1, description="Record loss and examples/s every N steps.")
-    scale: float = Field(20.0, gt=0, description="Similarity scale of MultipleNegativesRankingLoss (1 / temperature).")
-    eval_k: int = Field(10, ge=1, le=100, description="Cut-off of the held-out nDCG/recall reported before and after.")
+    eval_k: int = Field(10, ge=1, le=100, description="Cut-off of the held-out nDCG/recall/MRR reported before and after.")
     pairs: PairSettings = Field(default_factory=PairSettings)
 
 
-class RerankerTrainSettings(TrainerSettings):
+class EmbedderTrainSettings(_RetrieverTrainSettings):
+    """Bi-encoder fine-tuning (``ragops train embedder``): in-batch plus mined hard negatives."""
+
+    base_model: str | None = Field(None, description="Embedder to start from (registry name, artifact or path); None: embedder.model.")
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW); full fine-tuning, no LoRA.")
+    batch_size: int = Field(32, ge=2, description="Queries per batch: each one's positives are the others' in-batch negatives.")
+    max_length: int = Field(256, ge=16, description="Tokens per passage or query; longer ones are truncated.")
+    scale: float = Field(20.0, gt=0, description="Similarity scale of MultipleNegativesRankingLoss (1 / temperature).")
+
+
+class RerankerTrainSettings(_RetrieverTrainSettings):
     """Cross-encoder fine-tuning (``ragops train reranker``): binary relevance on positives and mined negatives."""
 
     base_model: str | None = Field(
@@ -146,16 +151,8 @@ class RerankerTrainSettings(TrainerSettings):
         "score head; None: retrieval.rerank.model, else embedder.model.",
     )
     learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW); full fine-tuning, no LoRA.")
-    lr_scheduler: Literal[
-        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
-    ] = Field("linear", description="Learning-rate schedule after warm-up.")
-    warmup: float = Field(0.1, ge=0, description="Warm-up: a fraction of the steps when < 1, else a step count.")
     batch_size: int = Field(16, ge=1, description="(query, passage) pairs per batch.")
     max_length: int = Field(320, ge=16, description="Tokens per query+passage pair.")
-    save_steps: int = Field(100, ge=1, description="Checkpoint every N optimizer steps (and at the end).")
-    logging_steps: int = Field(5, ge=1, description="Record loss and examples/s every N steps.")
-    eval_k: int = Field(10, ge=1, le=100, description="Cut-off of the held-out nDCG reported before and after.")
-    pairs: PairSettings = Field(default_factory=PairSettings)
 
 
 class KLSettings(_Strict):

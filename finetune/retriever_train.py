@@ -13,6 +13,7 @@ workers, MLflow mirroring and registry publishing as SFT. The artifact (kind ``e
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -45,16 +46,31 @@ def _base_model(settings: Settings, kind: RetrieverKind, base: str | None) -> st
     return settings.embedder.model
 
 
+@dataclass(frozen=True)
+class PairSources:
+    """Where the training pairs come from (the command's options).
+
+    Attributes:
+        data: Pair files (``{"query", "positive"}`` JSONL).
+        feedback: Add the chat feedback's up-rated answers.
+        synthesize: Chunks to write synthetic queries for (0: none).
+        eval_data: Pair files to evaluate on instead of a held-out share of the documents.
+        exclude_docs: A file of document ids never trained on (e.g. a benchmark's test qrels).
+        collection: The collection to mine from (default ``vectorstore.collection``).
+    """
+
+    data: Sequence[str] = ()
+    feedback: bool = False
+    synthesize: int = 0
+    eval_data: Sequence[str] = ()
+    exclude_docs: str | None = None
+    collection: str | None = None
+
+
 def gather_pairs(
     settings: Settings,
     kind: RetrieverKind,
-    *,
-    data: Sequence[str] = (),
-    feedback: bool = False,
-    synthesize: int = 0,
-    eval_data: Sequence[str] = (),
-    exclude_docs: str | None = None,
-    collection: str | None = None,
+    sources: PairSources,
     emit: Callable[[str, dict[str, Any]], None] = lambda _s, _i: None,
 ) -> tuple[list[Pair], list[Pair], list[Chunk], dict[str, Any]]:
     """``(train pairs, held-out pairs, corpus, info)`` with negatives mined for both splits.
@@ -64,15 +80,16 @@ def gather_pairs(
     """
     from ragops.finetune.retriever_synth import synthesize as make_synthetic
 
-    if not (data or feedback or synthesize):
+    data, collection = sources.data, sources.collection
+    if not (data or sources.feedback or sources.synthesize):
         raise InputError("no training pairs: give --data FILE, --feedback and/or --synthesize N")
     ps = getattr(settings.finetune, kind).pairs
-    excluded = read_doc_ids(exclude_docs) if exclude_docs else set()
+    excluded = read_doc_ids(sources.exclude_docs) if sources.exclude_docs else set()
     corpus = load_corpus(settings, collection, exclude_docs=excluded)
     by_chunk = {c.chunk_id: c for c in corpus}
     pairs = read_pair_files(data) if data else []
     counts: dict[str, Any] = {"file": len(pairs)}
-    if feedback:
+    if sources.feedback:
         fb = feedback_pairs(settings)
         for p in fb:  # the stored chunk carries the heading label the request log lacks
             if p.chunk_id in by_chunk:
@@ -80,16 +97,16 @@ def gather_pairs(
         fb = [p for p in fb if p.doc_id not in excluded]
         counts["feedback"] = len(fb)
         pairs += fb
-    if synthesize:
-        emit("synthesize", {"chunks": min(synthesize, len(corpus))})
+    if sources.synthesize:
+        emit("synthesize", {"chunks": min(sources.synthesize, len(corpus))})
         synthetic, stats = make_synthetic(
-            settings, corpus, synthesize, generated_share=ps.synthesize_generated, filter_k=ps.synthesize_filter_k,
+            settings, corpus, sources.synthesize, generated_share=ps.synthesize_generated, filter_k=ps.synthesize_filter_k,
             seed=ps.seed, collection=collection,
         )  # fmt: skip
         counts["synthetic"] = stats
         pairs += synthetic
-    if eval_data:
-        held = read_pair_files(eval_data)
+    if sources.eval_data:
+        held = read_pair_files(sources.eval_data)
         train = pairs
     else:
         train, held = split_by_document(pairs, ps.eval_fraction, ps.seed)
@@ -156,13 +173,8 @@ def _examples(kind: RetrieverKind, train: Sequence[Pair], k: int) -> list[dict[s
 def train_retriever(
     settings: Settings,
     kind: RetrieverKind,
+    sources: PairSources,
     *,
-    data: Sequence[str] = (),
-    feedback: bool = False,
-    synthesize: int = 0,
-    eval_data: Sequence[str] = (),
-    exclude_docs: str | None = None,
-    collection: str | None = None,
     base_model: str | None = None,
     workers: int | None = None,
     use_gpu: bool | None = None,
@@ -178,12 +190,7 @@ def train_retriever(
     Args:
         settings: Full settings (``finetune.embedder`` / ``finetune.reranker``, the index, the generator).
         kind: ``embedder`` or ``reranker``.
-        data: Pair files (``{"query", "positive"}`` JSONL).
-        feedback: Add the chat feedback's up-rated answers.
-        synthesize: Chunks to write synthetic queries for (0: none).
-        eval_data: Pair files to evaluate on instead of a held-out share of the documents.
-        exclude_docs: A file of document ids never trained on (e.g. a benchmark's test qrels).
-        collection: The collection to mine from (default ``vectorstore.collection``).
+        sources: Where the pairs come from.
         base_model, workers, use_gpu, max_steps, resume, tags, progress, on_event, fault: As
             for :func:`ragops.finetune.train.train`.
 
@@ -202,13 +209,10 @@ def train_retriever(
     spec = resolve_model(base_name, kind="embedder" if kind == "embedder" else None, registry=settings.embedder._registry)
     base_path = str(spec.locate())
 
-    train, held, corpus, info = gather_pairs(
-        settings, kind, data=data, feedback=feedback, synthesize=synthesize, eval_data=eval_data,
-        exclude_docs=exclude_docs, collection=collection, emit=emit,
-    )  # fmt: skip
+    train, held, corpus, info = gather_pairs(settings, kind, sources, emit)
     k = section.pairs.hard_negatives
     digest = data_hash(train, held)
-    data_info = {"files": list(data) + list(eval_data), "hash": digest, "records": len(train) + len(held),
+    data_info = {"files": list(sources.data) + list(sources.eval_data), "hash": digest, "records": len(train) + len(held),
                  "train_examples": len(train), "eval_examples": len(held), **info}  # fmt: skip
     emit("data", data_info)
     heldout = [p.to_dict() for p in held]

@@ -13,7 +13,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
@@ -354,47 +354,56 @@ ExcludeOpt = Annotated[
 CollectionTrainOpt = Annotated[str | None, typer.Option("--collection", help="Collection to mine and synthesize from (default: vectorstore.collection).")]
 
 
-def _run_retriever(kind: str, data: list[str] | None, feedback: bool, synthesize: int, eval_data: list[str] | None,
-                   exclude_docs: str | None, collection: str | None, base: str | None, workers: int | None, gpu: bool,
-                   max_steps: int | None, resume: str | None, tag: list[str] | None, config: list[str] | None,
-                   set_: list[str] | None, data_dir: Path | None, schedule_timeout: float | None, as_json: bool) -> None:  # fmt: skip
-    from ragops.finetune.retriever_train import train_retriever
+def _retriever_command(kind: str, base_help: str, doc: str) -> Callable[..., None]:
+    """``train embedder`` / ``train reranker``: the same options and flow, their own help."""
 
-    settings = settings_from(config, with_schedule_timeout(set_, schedule_timeout), data_dir)
-    tags = parse_tags(tag)
-    _run_training(
-        kind,
-        settings,
-        lambda on_step, on_event: train_retriever(
-            settings, kind, data=data or [], feedback=feedback, synthesize=synthesize, eval_data=eval_data or [],  # type: ignore[arg-type]
-            exclude_docs=exclude_docs, collection=collection, base_model=base, workers=workers,
-            use_gpu=True if gpu else None, max_steps=max_steps, resume=resume, tags=tags, progress=on_step, on_event=on_event,
-        ),
-        as_json,
-    )  # fmt: skip
+    def command(
+        data: PairDataOpt = None,
+        feedback: FeedbackOpt = False,
+        synthesize: SynthesizeOpt = 0,
+        eval_data: EvalDataOpt = None,
+        exclude_docs: ExcludeOpt = None,
+        collection: CollectionTrainOpt = None,
+        base: str | None = None,  # its option (and help) is set below
+        workers: WorkersOpt = None,
+        gpu: GpuOpt = False,
+        max_steps: MaxStepsOpt = None,
+        resume: ResumeOpt = None,
+        tag: TagOpt = None,
+        config: ConfigOpt = None,
+        set_: SetOpt = None,
+        data_dir: DataDirOpt = None,
+        schedule_timeout: ScheduleTimeoutOpt = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        from ragops.finetune.retriever_train import PairSources, train_retriever
+
+        settings = settings_from(config, with_schedule_timeout(set_, schedule_timeout), data_dir)
+        sources = PairSources(data=data or [], feedback=feedback, synthesize=synthesize, eval_data=eval_data or [],
+                              exclude_docs=exclude_docs, collection=collection)  # fmt: skip
+        tags = parse_tags(tag)
+        _run_training(
+            kind,
+            settings,
+            lambda on_step, on_event: train_retriever(
+                settings, kind, sources, base_model=base, workers=workers,  # type: ignore[arg-type]
+                use_gpu=True if gpu else None, max_steps=max_steps, resume=resume, tags=tags, progress=on_step,
+                on_event=on_event,
+            ),
+            as_json,
+        )  # fmt: skip
+
+    # Annotations are strings evaluated in this module's globals (PEP 563); this one carries
+    # the kind's own help, so it is set as an object.
+    command.__annotations__["base"] = Annotated[Optional[str], typer.Option("--base", help=base_help)]
+    command.__name__ = f"train_{kind}"
+    command.__doc__ = doc
+    return command
 
 
-@train_app.command("embedder")
-@handle_errors
-def train_embedder(
-    data: PairDataOpt = None,
-    feedback: FeedbackOpt = False,
-    synthesize: SynthesizeOpt = 0,
-    eval_data: EvalDataOpt = None,
-    exclude_docs: ExcludeOpt = None,
-    collection: CollectionTrainOpt = None,
-    base: Annotated[str | None, typer.Option("--base", help="Embedder to start from (default: finetune.embedder.base_model, else embedder.model).")] = None,
-    workers: WorkersOpt = None,
-    gpu: GpuOpt = False,
-    max_steps: MaxStepsOpt = None,
-    resume: ResumeOpt = None,
-    tag: TagOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    data_dir: DataDirOpt = None,
-    schedule_timeout: ScheduleTimeoutOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
+train_embedder = train_app.command("embedder")(handle_errors(_retriever_command(
+    "embedder",
+    "Embedder to start from (default: finetune.embedder.base_model, else embedder.model).",
     """Fine-tune the dense embedder on (query, passage) pairs with in-batch and mined hard negatives.
 
     Pairs come from --data files, --feedback and/or --synthesize N; hard negatives are the chunks
@@ -402,41 +411,17 @@ def train_embedder(
     recall / MRR@10 on them are measured before and after training. The model is published as
     embedder-YYYYMMDD-HHMM-xxxx (embedder-latest moves to it), with the held-out split beside it
     (heldout_queries.jsonl / heldout_qrels.jsonl for `ragops eval retrieval`).
-    """
-    _run_retriever("embedder", data, feedback, synthesize, eval_data, exclude_docs, collection, base, workers, gpu,
-                   max_steps, resume, tag, config, set_, data_dir, schedule_timeout, as_json)  # fmt: skip
+    """,
+)))  # fmt: skip
 
-
-@train_app.command("reranker")
-@handle_errors
-def train_reranker(
-    data: PairDataOpt = None,
-    feedback: FeedbackOpt = False,
-    synthesize: SynthesizeOpt = 0,
-    eval_data: EvalDataOpt = None,
-    exclude_docs: ExcludeOpt = None,
-    collection: CollectionTrainOpt = None,
-    base: Annotated[
-        str | None,
-        typer.Option("--base", help="Cross-encoder or plain encoder to start from (default: retrieval.rerank.model, else embedder.model)."),
-    ] = None,
-    workers: WorkersOpt = None,
-    gpu: GpuOpt = False,
-    max_steps: MaxStepsOpt = None,
-    resume: ResumeOpt = None,
-    tag: TagOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    data_dir: DataDirOpt = None,
-    schedule_timeout: ScheduleTimeoutOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
+train_reranker = train_app.command("reranker")(handle_errors(_retriever_command(
+    "reranker",
+    "Cross-encoder or plain encoder to start from (default: retrieval.rerank.model, else embedder.model).",
     """Fine-tune a cross-encoder reranker on the same pairs: positives 1, mined hard negatives 0.
 
     A plain encoder (the packaged MiniLM) gets a new score head. nDCG@10 of re-ranking each
     held-out query's positive among ten hard negatives is measured before and after. Published as
     reranker-YYYYMMDD-HHMM-xxxx (reranker-latest moves to it); use it with
     --set retrieval.rerank.model=reranker-latest.
-    """
-    _run_retriever("reranker", data, feedback, synthesize, eval_data, exclude_docs, collection, base, workers, gpu,
-                   max_steps, resume, tag, config, set_, data_dir, schedule_timeout, as_json)  # fmt: skip
+    """,
+)))  # fmt: skip

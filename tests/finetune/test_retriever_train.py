@@ -130,12 +130,12 @@ def test_train_embedder_publishes_a_loadable_model_with_before_after_metrics(ind
     from ragops.artifacts import Registry
     from ragops.embeddings import TextEmbedder
     from ragops.finetune.retriever_loops import HELDOUT_QRELS, HELDOUT_QUERIES
-    from ragops.finetune.retriever_train import train_retriever
+    from ragops.finetune.retriever_train import PairSources, train_retriever
 
     corpus = load_corpus(indexed)
     events: list[str] = []
     result = train_retriever(
-        indexed, "embedder", data=[str(_pair_file(tmp_path / "pairs.jsonl", corpus))], synthesize=30, max_steps=3,
+        indexed, "embedder", PairSources(data=[str(_pair_file(tmp_path / "pairs.jsonl", corpus))], synthesize=30), max_steps=3,
         on_event=lambda stage, _info: events.append(stage),
     )  # fmt: skip
     assert {"mine", "data", "run", "publish"} <= set(events)
@@ -168,31 +168,31 @@ def test_train_embedder_publishes_a_loadable_model_with_before_after_metrics(ind
 
 def test_bad_input_trains_nothing(indexed: Any, tmp_path: Path) -> None:
     from ragops.artifacts import Registry
-    from ragops.finetune.retriever_train import train_retriever
+    from ragops.finetune.retriever_train import PairSources, train_retriever
     from ragops.runs import RunStore
 
     corpus = load_corpus(indexed)
     pairs = _pair_file(tmp_path / "pairs.jsonl", corpus)
     leaking = write_jsonl(tmp_path / "eval.jsonl", [json.loads(pairs.read_text().splitlines()[0])])
     with pytest.raises(InputError, match="leaks into training"):
-        train_retriever(indexed, "embedder", data=[str(pairs)], eval_data=[str(leaking)], max_steps=1)
+        train_retriever(indexed, "embedder", PairSources(data=[str(pairs)], eval_data=[str(leaking)]), max_steps=1)
     with pytest.raises(InputError, match="no training pairs"):
-        train_retriever(indexed, "embedder", max_steps=1)
+        train_retriever(indexed, "embedder", PairSources(), max_steps=1)
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"query": "only a query"}\n')
     with pytest.raises(InputError, match="broken.jsonl:1"):
-        train_retriever(indexed, "reranker", data=[str(broken)], max_steps=1)
+        train_retriever(indexed, "reranker", PairSources(data=[str(broken)]), max_steps=1)
     with pytest.raises(InputError, match="does not exist"):
-        train_retriever(indexed, "embedder", data=[str(pairs)], collection="nope", max_steps=1)
+        train_retriever(indexed, "embedder", PairSources(data=[str(pairs)], collection="nope"), max_steps=1)
     assert Registry.from_settings(indexed).list() == [] and RunStore.from_settings(indexed).list() == []
 
 
 def test_train_reranker_scores_with_the_published_cross_encoder(indexed: Any, tmp_path: Path) -> None:
-    from ragops.finetune.retriever_train import train_retriever
+    from ragops.finetune.retriever_train import PairSources, train_retriever
     from ragops.retrieval.rerank import Reranker
 
     corpus = load_corpus(indexed)
-    result = train_retriever(indexed, "reranker", data=[str(_pair_file(tmp_path / "pairs.jsonl", corpus))], max_steps=2)
+    result = train_retriever(indexed, "reranker", PairSources(data=[str(_pair_file(tmp_path / "pairs.jsonl", corpus))]), max_steps=2)
     art = result.artifact
     assert art.kind == "reranker" and art.task == "rerank" and art.base_model == str(indexed.embedder.model)
     assert 0 <= art.metrics["initial_eval_ndcg_at_10"] <= 1 and 0 <= art.metrics["eval_ndcg_at_10"] <= 1
