@@ -218,6 +218,9 @@ class IngestReport:
     #: and embed overlap in the stream, so they are one figure), ``write`` (upserts),
     #: ``optimize`` and ``prune``.
     timings: dict[str, float] = field(default_factory=dict)
+    #: How the dense vectors were computed: ``torch`` (float32) or ``onnx-int8`` (see
+    #: ``embedder.backend``). Not part of the collection's embedder identity: same vector space.
+    embedder_backend: str = "torch"
 
     @property
     def ok(self) -> bool:
@@ -319,6 +322,7 @@ def _run_ingest(settings: Settings, roots: list[str], collection: str | None, pr
             runner=settings.ingest.runner,
             started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             files=len(files),
+            embedder_backend="onnx-int8" if settings.embedder.backend == "onnx" else "torch",
         )
         stage = LoadChunkStage(settings, known, set(states))
         sink = QdrantSink(store, settings.ingest.write_batch_size)

@@ -55,6 +55,30 @@ class EmbedderConfig(StrictModel):
     device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N' or 'auto'.")
     normalize: bool = Field(True, description="L2-normalize vectors (cosine similarity via dot product).")
     max_seq_length: int | None = Field(None, ge=8, description="Override the model's token limit.")
+    backend: Literal["torch", "onnx"] = Field(
+        "torch",
+        description=(
+            "'torch' runs the sentence-transformers model in float32; 'onnx' runs it with ONNX Runtime, "
+            "int8 dynamically quantized (CPU only; exported once and cached, see ragops.onnx_embedder). "
+            "Same vector space: a collection needs no re-embedding to switch."
+        ),
+    )
+    onnx_cache_dir: str | None = Field(
+        None,
+        description="Where backend 'onnx' caches exported models; None: $RAGOPS_ONNX_CACHE, else $XDG_CACHE_HOME/ragops/onnx (~/.cache/ragops/onnx).",
+    )
+
+    @model_validator(mode="after")
+    def _onnx_runs_on_cpu(self) -> "EmbedderConfig":
+        # int8 dynamic quantization (MatMulInteger/DynamicQuantizeLinear) is a CPU kernel set;
+        # on a GPU the float32 torch model is the faster and exact choice, so refuse rather
+        # than silently run int8 ops on the CPU while the user thinks a GPU is embedding.
+        if self.backend == "onnx" and self.device.startswith("cuda"):
+            raise ValueError(
+                f"embedder.backend 'onnx' (int8) runs on the CPU only; got embedder.device '{self.device}'. "
+                "Use embedder.backend=torch on a GPU, or embedder.device=cpu"
+            )
+        return self
 
     #: ``(root, cache_dir)`` of the artifact registry, set by :class:`Settings`, so ``model`` may
     #: name a published embedder (``embedder-latest``). Not a setting: it follows ``data_dir``.

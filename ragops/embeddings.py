@@ -1,10 +1,12 @@
-"""Dense text embedders (sentence-transformers) resolved through the model registry.
+"""Dense text embedders (sentence-transformers, or ONNX Runtime int8) resolved through the model registry.
 
 :class:`TextEmbedder` is the one place that knows how to turn text into vectors: the ingest
 stage encodes passages with it and the retriever encodes queries with it. BGE specifics are
 honoured here: the query instruction is prefixed to queries only, pooling comes from the
 model's own sentence-transformers config (CLS for BGE, mean for MiniLM), and vectors are
-L2-normalized so cosine similarity is a dot product.
+L2-normalized so cosine similarity is a dot product. ``embedder.backend: onnx`` swaps the
+float32 torch model for an int8 ONNX Runtime one behind the same interface
+(:mod:`ragops.onnx_embedder`).
 """
 
 from __future__ import annotations
@@ -59,13 +61,20 @@ class TextEmbedder:
         with self._lock:
             if self._model is not None:
                 return
-            from sentence_transformers import SentenceTransformer
-
             path: Path = self.spec.locate()
-            try:
-                model = SentenceTransformer(str(path), device=resolve_device(self.cfg.device), local_files_only=True)
-            except Exception as exc:  # noqa: BLE001 - surface as a model error with the path
-                raise ModelNotFoundError(f"could not load embedder '{self.model_name}' from {path}: {exc}") from exc
+            if self.cfg.backend == "onnx":
+                # Same interface as SentenceTransformer for everything used below; int8 on CPU
+                # (config validation refuses cuda; 'auto' means the CPU for this backend).
+                from ragops.onnx_embedder import OnnxSentenceModel
+
+                model: Any = OnnxSentenceModel.load(path, self.cfg.onnx_cache_dir)
+            else:
+                from sentence_transformers import SentenceTransformer
+
+                try:
+                    model = SentenceTransformer(str(path), device=resolve_device(self.cfg.device), local_files_only=True)
+                except Exception as exc:  # noqa: BLE001 - surface as a model error with the path
+                    raise ModelNotFoundError(f"could not load embedder '{self.model_name}' from {path}: {exc}") from exc
             if self.cfg.max_seq_length:
                 model.max_seq_length = self.cfg.max_seq_length
             if not self.spec.query_instruction:
@@ -105,8 +114,18 @@ class TextEmbedder:
     @property
     def identity(self) -> str:
         """What a collection records as its embedder: the configured name, or for a registry
-        alias (``embedder-latest``, which moves) the artifact it named."""
+        alias (``embedder-latest``, which moves) the artifact it named.
+
+        The backend is deliberately not part of it: ``onnx`` (int8) runs the same model in the
+        same vector space (cosine to the float32 vectors about 0.99+), so a collection embedded
+        with one backend is searched and extended with the other without re-embedding. Which
+        backend embedded is recorded per ingest run instead (:attr:`backend`)."""
         return self.spec.artifact or self.model_name
+
+    @property
+    def backend(self) -> str:
+        """'torch' (float32 sentence-transformers) or 'onnx-int8' (ONNX Runtime, int8)."""
+        return "onnx-int8" if self.cfg.backend == "onnx" else "torch"
 
     # -- encoding ------------------------------------------------------------------------
     def encode_passages(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
