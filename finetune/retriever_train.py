@@ -98,10 +98,11 @@ def gather_pairs(
         counts["feedback"] = len(fb)
         pairs += fb
     if sources.synthesize:
-        emit("synthesize", {"chunks": min(sources.synthesize, len(corpus))})
+        n_sampled = min(sources.synthesize, len(corpus))
+        emit("synthesize", {"chunks": n_sampled})
         synthetic, stats = make_synthetic(
             settings, corpus, sources.synthesize, generated_share=ps.synthesize_generated, filter_k=ps.synthesize_filter_k,
-            seed=ps.seed, collection=collection,
+            seed=ps.seed, collection=collection, progress=lambda n: emit("synthesize", {"chunks": n_sampled, "generated": n}),
         )  # fmt: skip
         counts["synthetic"] = stats
         pairs += synthetic

@@ -132,7 +132,8 @@ def _run_training(
                 verb = "resuming" if info["resumed"] else "run"
                 err.print(f"{verb} {info['run_id']} → {info['run_dir']}")
             elif stage == "synthesize":
-                progress.update(task, note=f"writing synthetic queries for {info['chunks']} chunks")
+                done = f" ({info['generated']} questions generated so far)" if "generated" in info else ""
+                progress.update(task, note=f"writing synthetic queries for {info['chunks']} chunks{done}")
             elif stage == "mine":
                 progress.update(task, note=f"mining {info['negatives']} hard negatives for {info['pairs']} pairs")
             elif stage == "publish":
