@@ -117,9 +117,9 @@ def gather_pairs(
     emit("mine", {"pairs": len(train) + len(held), "negatives": ps.hard_negatives})
     mined = mine_negatives(settings, train, corpus, k=ps.hard_negatives, mode=ps.mine_mode, skip=ps.mine_skip,
                            depth=ps.mine_depth, seed=ps.seed, collection=collection, exclude_docs=excluded)  # fmt: skip
-    # The held-out split gets more negatives: the reranker is judged on re-ranking ten candidates.
-    mine_negatives(settings, held, corpus, k=max(ps.hard_negatives, 9), mode=ps.mine_mode, skip=ps.mine_skip,
-                   depth=ps.mine_depth, seed=ps.seed + 1, collection=collection, exclude_docs=excluded)  # fmt: skip
+    if kind == "reranker":  # judged on re-ranking each held-out positive among ten hard negatives
+        mine_negatives(settings, held, corpus, k=max(ps.hard_negatives, 9), mode=ps.mine_mode, skip=ps.mine_skip,
+                       depth=ps.mine_depth, seed=ps.seed + 1, collection=collection, exclude_docs=excluded)  # fmt: skip
     info = {"pairs": counts, "train_pairs": len(train), "eval_pairs": len(held), "negatives": mined,
             "excluded_docs": len(excluded), "corpus_chunks": len(corpus)}  # fmt: skip
     return train, held, corpus, info
