@@ -162,6 +162,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--sample", type=int, default=1024, help="chunks for the raw-throughput baseline")
     parser.add_argument("--qps", type=float, default=10.0, help="client query rate")
+    parser.add_argument("--raw-only", action="store_true",
+                        help="only measure the raw-throughput baseline again, on the --work copy of a finished run")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ready", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--stop", type=Path, help=argparse.SUPPRESS)
@@ -176,6 +178,12 @@ def main() -> None:
 
     from ragops.ingest.reembed import run_reembed
 
+    if args.raw_only:
+        # The live collection of the finished run (the alias moved): same chunks, read the same way.
+        raw = _raw_throughput(_settings(data_dir, args.collection), args.embedder or str(args.work / "minilm-l6-copy"),
+                              args.sample, args.batch_size)  # fmt: skip
+        print(json.dumps({"raw_chunks_per_s": round(raw, 1), "load_avg_1m": round(os.getloadavg()[0], 2)}))
+        return
     if not (args.index / "collections" / args.collection).is_dir():
         sys.exit(f"no collection '{args.collection}' under {args.index}: build it with benchmarks/retrieval_quality.py")
     _copy_index(args.index, data_dir)
@@ -183,7 +191,8 @@ def main() -> None:
     settings = _settings(data_dir, args.collection)
     print(f"raw throughput of {embedder} on {args.sample} chunks ...", flush=True)
     raw = _raw_throughput(settings, embedder, args.sample, args.batch_size)
-    print(f"  {raw:.1f} chunks/s", flush=True)
+    load_before = os.getloadavg()[0]
+    print(f"  {raw:.1f} chunks/s (load average {load_before:.1f})", flush=True)
 
     ready, stop, out = args.work / "client.ready", args.work / "client.stop", args.work / "client.json"
     proc = subprocess.Popen([sys.executable, __file__, "--client", "--work", str(args.work), "--collection", args.collection,
@@ -209,7 +218,8 @@ def main() -> None:
     log = json.loads(out.read_text())
     phases = _phases(log, started, switched, report.source, report.target)
     result = {
-        "machine": {"nproc": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "python": sys.version.split()[0]},
+        "machine": {"nproc": os.cpu_count(), "load_avg_1m_at_baseline": round(load_before, 2),
+                    "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "python": sys.version.split()[0]},
         "reembed": report.to_dict(),
         "raw_chunks_per_s": round(raw, 1),
         "reembed_vs_raw": round(report.chunks_per_s / raw, 3),

@@ -291,8 +291,7 @@ def run_reembed(
         with reembed_lock(settings.data_dir, logical):
             live = catalog.resolve(logical)
             source = catalog.resolve(source_name) or source_name
-            if alias is None:
-                check_aliasable(catalog, logical)
+            check_aliasable(catalog, logical)  # before building: Qdrant would refuse the switch at the end
             spec = catalog.spec(source)
             if spec is None:
                 raise CollectionError(

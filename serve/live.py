@@ -15,6 +15,10 @@ in are decided in one place:
 
 Chunk ids and payloads are the same in the old and new collection, so neighbour expansion and
 the like may use whichever is live.
+
+A served app always follows the alias's embedder: settings reach replicas as plain values,
+without the record of which ones the user set explicitly, so the "explicit other embedder"
+refusal of :func:`~ragops.vectorstore.aliases.live_settings` cannot apply there.
 """
 
 from __future__ import annotations

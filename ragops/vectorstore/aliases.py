@@ -247,10 +247,14 @@ class ServerCatalog:
         self.client = client
         self.local = local
         self.where = where
+        # Transport and auth failures read as the stores' one-line messages.
+        self._reach = self._store("")._reach
 
     def resolve(self, name: str) -> str | None:
         """The collection alias ``name`` points at, or None."""
-        for a in self.client.get_aliases().aliases:
+        with self._reach():
+            aliases = self.client.get_aliases().aliases
+        for a in aliases:
             if a.alias_name == name:
                 return str(a.collection_name)
         return None
@@ -263,7 +267,8 @@ class ServerCatalog:
         if self.resolve(name) is not None:
             ops.append(qm.DeleteAliasOperation(delete_alias=qm.DeleteAlias(alias_name=name)))
         ops.append(qm.CreateAliasOperation(create_alias=qm.CreateAlias(collection_name=target, alias_name=name)))
-        self.client.update_collection_aliases(change_aliases_operations=ops)
+        with self._reach():
+            self.client.update_collection_aliases(change_aliases_operations=ops)
 
     def _store(self, physical: str) -> Any:
         from ragops.vectorstore.server import QdrantServerStore
@@ -280,16 +285,19 @@ class ServerCatalog:
         """The ``ragops_reembed`` metadata of a collection, or None."""
         if physical not in self.collections():
             return None
-        data = (self.client.get_collection(physical).config.metadata or {}).get(LINEAGE_METADATA_KEY)
+        with self._reach():
+            data = (self.client.get_collection(physical).config.metadata or {}).get(LINEAGE_METADATA_KEY)
         return Lineage.from_dict(data) if isinstance(data, dict) else None
 
     def set_lineage(self, physical: str, lineage: Lineage) -> None:
         """Merge the lineage into the collection's metadata."""
-        self.client.update_collection(physical, metadata={LINEAGE_METADATA_KEY: lineage.to_dict()})
+        with self._reach():
+            self.client.update_collection(physical, metadata={LINEAGE_METADATA_KEY: lineage.to_dict()})
 
     def collections(self) -> list[str]:
         """Collection names on the server (aliases excluded)."""
-        return sorted(c.name for c in self.client.get_collections().collections)
+        with self._reach():
+            return sorted(c.name for c in self.client.get_collections().collections)
 
     def open(self, physical: str) -> VectorStore:
         """A store on ``physical`` sharing this catalog's client (closing it keeps the client)."""

@@ -415,8 +415,7 @@ class EdgeStore:
         shard, _ = self._require()
         translated = edge_filter(flt)
         with_payload: bool | list[str] = True if fields is None else (list(fields) or False)
-        wanted = [DENSE_VECTOR] * with_vectors + [SPARSE_VECTOR] * with_sparse
-        with_vector: bool | list[str] = wanted or False
+        with_vector: bool | list[str] = [DENSE_VECTOR] * with_vectors + [SPARSE_VECTOR] * with_sparse or False
         offset: Any = None
         while True:
             records, offset = shard.scroll(
@@ -425,10 +424,9 @@ class EdgeStore:
                 )
             )
             for r in records:
-                vectors = r.vector or {}
-                vector = vectors.get(DENSE_VECTOR) if with_vectors else None
-                sparse = sparse_from_engine(vectors.get(SPARSE_VECTOR)) if with_sparse else None
-                yield Record(id=str(r.id), payload=r.payload or {}, vector=vector, sparse=sparse)
+                vec = r.vector or {}
+                yield Record(id=str(r.id), payload=r.payload or {}, vector=vec.get(DENSE_VECTOR) if with_vectors else None,
+                             sparse=sparse_from_engine(vec.get(SPARSE_VECTOR)) if with_sparse else None)  # fmt: skip
             if offset is None:
                 return
 

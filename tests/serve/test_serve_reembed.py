@@ -106,3 +106,47 @@ def test_queries_never_fail_while_the_alias_moves(make_settings, tmp_path: Path,
     assert asyncio.run(until_back()) == "ragops"
     retriever._stores.close()
     embedder.live.close()
+
+
+@pytest.mark.e2e
+def test_served_app_switches_over_http_without_a_failed_request(served, other_embedder: Path) -> None:
+    """The real app (Ray Serve, HTTP): searches throughout a re-embed and a rollback all answer 200."""
+    import time
+
+    settings = served.settings
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def search_forever() -> None:
+        with served.client() as c:
+            while not stop.is_set():
+                r = c.post("/v1/search", json={"query": "What is MIG?", "k": 3, "mode": "hybrid"})
+                statuses.append(r.status_code if r.status_code != 200 or r.json()["hits"] else -1)
+                time.sleep(0.02)
+
+    def serving() -> str:
+        with served.client() as c:
+            return c.get("/healthz").json()["vectorstore"]["collection"]
+
+    def wait_for(collection: str) -> None:
+        deadline = time.monotonic() + 90
+        while serving() != collection:
+            assert time.monotonic() < deadline, f"the app never switched to {collection}"
+            time.sleep(0.5)
+
+    client = threading.Thread(target=search_forever)
+    client.start()
+    try:
+        report = run_reembed(settings, str(other_embedder), batch_size=32)  # type: ignore[arg-type]
+        wait_for(report.target)
+        n_switched = len(statuses)
+        time.sleep(2)
+        assert rollback(settings).target == "ragops"  # type: ignore[arg-type]
+        wait_for("ragops")  # the session's app is as the other tests expect it again
+        time.sleep(2)
+    finally:
+        stop.set()
+        client.join()
+    assert report.snapshot_read  # the retriever replica held the live shard
+    assert n_switched > 0 and len(statuses) > n_switched
+    assert [s for s in statuses if s != 200] == []
