@@ -333,7 +333,8 @@ def _build(catalog: Catalog, settings: Settings, model: Any, spec: CollectionSpe
     report.resumed = target is not None
     target = target or next_physical(catalog, logical, report.embedder)
     report.target = target
-    lineage = Lineage(logical=logical, embedder=report.embedder, dim=report.dim, replaces=source)
+    lineage = Lineage(logical=logical, embedder=report.embedder, dim=report.dim, replaces=source,
+                      replaces_embedder=spec.embedder)  # fmt: skip
     new_spec = CollectionSpec(name=target, dim=report.dim, embedder=report.embedder, distance=spec.distance,
                               sparse=spec.sparse)  # fmt: skip
     fingerprints = _FingerprintMap(settings, spec.embedder, report.embedder)

@@ -59,6 +59,8 @@ class Lineage:
         dim: Their dimension.
         replaces: The physical collection that was live when the build started (the rollback
             target); None when nothing was.
+        replaces_embedder: That collection's embedder (remembered even once it is dropped, so
+            a configuration written for it is still recognised).
         state: ``building`` until every point is written, then ``complete``.
         started_at, finished_at: UTC time stamps.
         points: Points written (set when complete).
@@ -68,6 +70,7 @@ class Lineage:
     embedder: str
     dim: int
     replaces: str | None
+    replaces_embedder: str | None = None
     state: str = "building"
     started_at: str = field(default_factory=now_iso)
     finished_at: str | None = None
@@ -370,6 +373,18 @@ def lineage_chain(catalog: Catalog, physical: str, limit: int = 50) -> list[str]
 RESOLVE_TTL_S = 2.0
 
 
+def _earlier_embedders(catalog: Catalog, physical: str) -> set[str]:
+    """Embedders of the collections ``physical`` replaced, directly or not (dropped ones too)."""
+    out: set[str] = set()
+    for name in lineage_chain(catalog, physical):
+        lin = catalog.lineage(name)
+        if lin is not None and lin.replaces_embedder:
+            out.add(lin.replaces_embedder)
+        if name != physical and (spec := catalog.spec(name)) is not None:
+            out.add(spec.embedder)
+    return out
+
+
 def live_settings(
     settings: Settings, collection: str | None = None, catalog: Catalog | None = None
 ) -> tuple[Settings, str]:
@@ -413,7 +428,7 @@ def live_settings(
         configured = settings.embedder.model
         if configured == spec.embedder:
             return settings, physical
-        earlier = {s.embedder for c in lineage_chain(catalog, physical)[1:] if (s := catalog.spec(c)) is not None}
+        earlier = _earlier_embedders(catalog, physical)
         if settings.is_explicit("embedder.model") and configured not in earlier:
             raise CollectionError(
                 f"collection '{name}' is served by '{physical}', embedded with '{spec.embedder}', but the "

@@ -221,6 +221,17 @@ def test_bad_inputs_change_nothing(ingested, wide_embedder: Path, make_settings,
         _search_ids(s, "topic1", "dense", collection="ragops__wide-model-1")
 
 
+def test_drop_old_collection_then_rollback_has_nowhere_to_go(ingested, wide_embedder: Path) -> None:
+    s, _ = ingested
+    report = run_reembed(s, str(wide_embedder))
+    with pytest.raises(CollectionError, match="is served by alias 'ragops'"):
+        drop_collection(s, report.target)  # the live one, by its own name
+    assert drop_collection(s, "ragops")  # the pre-alias collection of that name, no longer served
+    assert _search_ids(s, "topic1", "dense")  # still served by the new one
+    with pytest.raises(CollectionError, match="no longer exists"):
+        rollback(s)
+
+
 def test_slug_names() -> None:
     assert slug("bge-small") == "bge-small"
     assert slug("/models/my model/st") == "my-model"

@@ -27,7 +27,8 @@ def other_embedder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_sentence_model(tmp_path_factory.mktemp("serve-reembed-embedder"), 48)
 
 
-def test_queries_never_fail_while_the_alias_moves(make_settings, tmp_path: Path, other_embedder: Path) -> None:
+def test_queries_never_fail_while_the_alias_moves(make_settings, tmp_path: Path, other_embedder: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     from ragops.serve.embedder import QueryEmbedder
     from ragops.serve.retriever import RetrieverDeployment
 
@@ -88,6 +89,11 @@ def test_queries_never_fail_while_the_alias_moves(make_settings, tmp_path: Path,
     assert seen == {"ragops", report.target}  # type: ignore[attr-defined]
     health = asyncio.run(retriever.health())
     assert health["ok"] and health["collection"] == report.target  # type: ignore[attr-defined]
+    # The old collection is closed once no query asked for it for IDLE_CLOSE_S (its Edge lock goes too).
+    monkeypatch.setattr("ragops.serve.live.IDLE_CLOSE_S", 0.0)
+    (encoded,) = embedder._encode(["GPU"])
+    asyncio.run(retriever.search("GPU", encoded, {"k": 1, "mode": "dense"}))
+    assert list(retriever._stores._stores) == [report.target]  # type: ignore[attr-defined]
 
     # Rolling back moves served queries back the same way.
     back = rollback(settings)
