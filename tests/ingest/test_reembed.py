@@ -287,6 +287,8 @@ def test_cli_reembed_json_and_rollback(ingested, wide_embedder: Path, tiny_embed
     base = ["--data-dir", str(s.data_dir), "--set", f"embedder.model={tiny_embedder}", "--set", "ingest.chunker.chunk_tokens=64",
             "--set", "ingest.chunker.overlap_tokens=8"]  # fmt: skip
     runner = CliRunner()
+    helptext = " ".join(runner.invoke(app, ["index", "reembed", "--help"]).output.split())
+    assert "--rollback" in helptext and "--batch-size" in helptext and "Embedded (Edge) store" in helptext
     both = runner.invoke(app, ["index", "reembed", *base, "--embedder", str(wide_embedder), "--rollback"])
     assert both.exit_code != 0 and "either --embedder" in both.output
     res = runner.invoke(app, ["index", "reembed", *base, "--embedder", str(wide_embedder), "--batch-size", "5", "--json"])
