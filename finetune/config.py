@@ -114,7 +114,7 @@ class PairSettings(_Strict):
     )  # fmt: skip
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of documents whose pairs are held out for evaluation.")
     eval_distractors: int = Field(
-        3000, ge=0, description="Chunks of other documents sampled into the held-out evaluation's corpus (embedder)."
+        1000, ge=0, description="Chunks of other documents sampled into the held-out evaluation's corpus (embedder)."
     )
     seed: int = Field(0, description="Seed for sampling chunks, negatives and the held-out documents.")
 

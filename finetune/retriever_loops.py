@@ -59,7 +59,14 @@ def _finish(trainer: Any, session: TrainSession, evaluator: Any, k: int, config:
 
     def measure(prefix: str) -> Any:
         def run(tr: Any) -> dict[str, Any]:
-            return _prefixed(prefix, evaluator(tr.model), k) if evaluator is not None else {}
+            if evaluator is None:
+                return {}
+            scores = _prefixed(prefix, evaluator(tr.model), k)
+            if prefix == "initial_eval_":
+                # A row of its own: the run shows the starting point at once (and the stall
+                # watchdog sees progress while a large held-out corpus is encoded).
+                session.log_metrics({"step": 0, **scores})
+            return scores
 
         return run
 
