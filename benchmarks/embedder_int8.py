@@ -30,6 +30,7 @@ import json
 import random
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,7 @@ from retrieval_quality import machine  # noqa: E402
 from ragops.config import Settings, load_settings  # noqa: E402
 from ragops.embeddings import TextEmbedder  # noqa: E402
 from ragops.ingest.pipeline import run_ingest  # noqa: E402
+from ragops.model_registry import resolve_model  # noqa: E402
 from ragops.retrieval.evaluate import evaluate_retrieval, read_jsonl  # noqa: E402
 from ragops.retrieval.search import Retriever  # noqa: E402
 
@@ -89,10 +91,26 @@ def make_slices(corpus: Path, dest: Path, n: int, max_pages: int, seed: int) -> 
     return [s for s in slices if s.exists()], {str(p.relative_to(corpus).with_suffix("")) for p in pages}
 
 
-def bench_ingest(settings: dict[str, Settings], slices: list[Path]) -> dict[str, dict[str, float]]:
-    out = {arm: {"wall_s": 0.0, "chunks": 0, "points": 0} for arm in ARMS}
+def run_peer(python: str, part: Path, model: Path) -> dict[str, Any]:
+    """One slice through the LlamaIndex IngestionPipeline, in its own virtualenv."""
+    cmd = [python, str(HERE / "llamaindex_ingest.py"), "--model", str(model), str(part)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def bench_ingest(settings: dict[str, Settings], slices: list[Path], peer_python: str | None = None) -> dict[str, dict[str, float]]:
+    """Ingest every slice with each arm, rotating which arm goes first."""
+    arms = [*ARMS, "llamaindex"] if peer_python else list(ARMS)
+    out = {arm: {"wall_s": 0.0, "chunks": 0, "points": 0, "documents": 0} for arm in arms}
     for k, part in enumerate(slices):
-        for arm in ARMS if k % 2 == 0 else ARMS[::-1]:
+        for arm in arms[k % len(arms):] + arms[: k % len(arms)]:
+            if arm == "llamaindex":
+                model = resolve_model(settings["torch"].embedder.model, kind="embedder").locate()
+                peer = run_peer(str(peer_python), part, model)
+                for key in ("wall_s", "chunks", "documents"):
+                    out[arm][key] += peer[key]
+                print(f"  ingest llamaindex slice {k}: {peer['chunks']} chunks in {peer['wall_s']:.1f}s", flush=True)
+                continue
             t0 = time.perf_counter()
             report = run_ingest(settings[arm], [str(part)])
             wall = time.perf_counter() - t0
@@ -101,13 +119,16 @@ def bench_ingest(settings: dict[str, Settings], slices: list[Path]) -> dict[str,
             out[arm]["wall_s"] += wall
             out[arm]["chunks"] += report.chunks
             out[arm]["points"] += report.points_written
+            out[arm]["documents"] += report.documents
             print(f"  ingest {arm} slice {k}: {report.chunks} chunks in {wall:.1f}s "
                   f"(backend recorded: {report.embedder_backend})", flush=True)  # fmt: skip
-    for arm in ARMS:
+    for arm in arms:
         o = out[arm]
         o["chunks_per_s"] = o["chunks"] / o["wall_s"]
-        o["embed_s"] = EMBED_SECONDS[arm]
-        o["embed_chunks_per_s"] = EMBED_TEXTS[arm] / EMBED_SECONDS[arm] if EMBED_SECONDS[arm] else 0.0
+        o["documents_per_s"] = o["documents"] / o["wall_s"]
+        if arm in ARMS:
+            o["embed_s"] = EMBED_SECONDS[arm]
+            o["embed_chunks_per_s"] = EMBED_TEXTS[arm] / EMBED_SECONDS[arm] if EMBED_SECONDS[arm] else 0.0
     return out
 
 
@@ -174,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-queries", type=int, default=0, help="test queries scored (0: all that apply)")
     ap.add_argument("--query-block", type=int, default=10, help="queries per backend before switching (1: alternate each query)")
     ap.add_argument("--only-queries", action="store_true", help="time query encoding only (no ingest, no quality)")
+    ap.add_argument("--max-slices", type=int, default=0, help="ingest only the first N slices (0: all)")
+    ap.add_argument("--peer-python", help="a virtualenv's python with LlamaIndex: adds its IngestionPipeline as a third arm")
+    ap.add_argument("--only-ingest", action="store_true", help="stop after the ingest comparison")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], help="extra dotted.key=value settings for both arms")
     args = ap.parse_args(argv)
@@ -199,8 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"onnx export + load (cached after the first run ever): {export_s:.1f}s", flush=True)
 
     slices, pages = make_slices(args.bench / "corpus", work / "slices", args.slices, args.max_pages, args.seed)
-    print(f"ingesting {len(pages)} pages in {len(slices)} slices per backend", flush=True)
-    ingest = bench_ingest(settings, slices)
+    if args.max_slices:
+        slices = slices[: args.max_slices]
+    print(f"ingesting {len(pages)} pages dealt into slices; {len(slices)} slices per arm", flush=True)
+    ingest = bench_ingest(settings, slices, args.peer_python)
+    if args.only_ingest:
+        (work / "results-ingest.json").write_text(json.dumps({"machine": machine(), "ingest": ingest}, indent=2))
+        print(json.dumps(ingest, indent=2))
+        return 0
 
     all_queries = [q["query"] for q in read_jsonl(args.bench / "queries.jsonl", ["qid", "query"])]
     sample = random.Random(args.seed).sample(all_queries, min(args.queries + 10, len(all_queries)))
