@@ -175,6 +175,23 @@ def test_session_threads_follow_torch(tiny_embedder: Path, tmp_path: Path) -> No
     assert one.session.get_session_options().intra_op_num_threads == 1
 
 
+def test_embed_stage_threads_reach_the_session(tiny_embedder: Path, tmp_path: Path) -> None:
+    """A Ray actor's CPU reservation (EmbedStage torch_threads) also caps ONNX Runtime."""
+    import torch
+
+    from ragops.config import SparseConfig
+    from ragops.ingest.embed import EmbedStage
+
+    before = torch.get_num_threads()
+    try:
+        stage = EmbedStage(_cfg(tiny_embedder, tmp_path), SparseConfig(), torch_threads=1)
+        out = stage({"embed_text": ["a chunk", "another chunk"], "kind": ["chunk", "chunk"]})
+        assert out["vector"].shape == (2, 32)
+        assert stage.embedder.model.session.get_session_options().intra_op_num_threads == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_config_validation(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="backend"):
         EmbedderConfig(backend="tensorrt")  # type: ignore[arg-type]
