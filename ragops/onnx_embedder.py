@@ -22,7 +22,9 @@ Cache: ``<root>/<sha256-prefix>/`` where the hash covers every file of the sourc
 packaged model lives in site-packages, which may be read-only. Not under the project's
 ``data_dir``: the export depends on the model alone, so every project (and every Ray worker on
 a node) shares one copy. An export is written to a temporary folder and renamed into place, so
-concurrent exporters are safe (the first rename wins, the others discard their copy). A cache
+concurrent exporters are safe: processes of one machine take turns on a lock file (the
+first exports, the others find its entry), and where that lock does not reach (a cache on a
+volume shared by several nodes) the first rename wins and the others discard their copy. A cache
 entry whose ``model.onnx`` does not match the manifest's sha256 (a crash mid-copy, a truncated
 file) is rebuilt with a warning.
 """
@@ -109,6 +111,22 @@ def _quiet_root_logger() -> Iterator[None]:
         yield
     finally:
         root.setLevel(level)
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (a no-op where fcntl is missing: Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def export_onnx(source: Path, dest_dir: Path, *, quantize: bool = True) -> dict[str, Any]:
@@ -225,13 +243,16 @@ def ensure_exported(source: Path, root: Path) -> tuple[Path, dict[str, Any]]:
         return entry, manifest
     if entry.exists():
         log.warning("ONNX cache entry %s is incomplete or corrupt; rebuilding it", entry)
-    with _export_lock:  # threads of one process export once; processes race on the rename
+    try:
+        (root / ".locks").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelNotFoundError(f"cannot create the ONNX cache {root}: {exc}; set embedder.onnx_cache_dir") from exc
+    # Threads of a process (a lock) and processes of a node (flock: Ray actors starting
+    # together) export once; the others wait and reuse it. The temp folder + rename below is
+    # what keeps the entry whole where flock does not reach (other nodes on a shared volume).
+    with _export_lock, _file_lock(root / ".locks" / f"{entry.name}.lock"):
         if (manifest := _valid(entry)) is not None:
             return entry, manifest
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ModelNotFoundError(f"cannot create the ONNX cache {root}: {exc}; set embedder.onnx_cache_dir") from exc
         tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=root))
         try:
             log.info("exporting %s to ONNX int8 under %s (once per model)", source, entry)
