@@ -30,6 +30,7 @@ from typing import Any
 
 from ragops.config import Settings
 from ragops.errors import InputError
+from ragops.retrieval.evaluate import read_numbered_jsonl
 
 
 @dataclass
@@ -132,19 +133,11 @@ def read_pair_files(specs: Sequence[str]) -> list[Pair]:
     pairs: list[Pair] = []
     for spec in specs:
         for path in _jsonl_files(spec):
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
+            for n, rec in read_numbered_jsonl(path, ("query", "positive")):
                 where = f"{path}:{n}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{where}: not JSON ({exc.msg})") from None
-                if not isinstance(rec, dict):
-                    raise InputError(f"{where}: expected a JSON object with \"query\" and \"positive\"")
                 for key in ("query", "positive"):
-                    if not isinstance(rec.get(key), str) or not rec[key].strip():
-                        raise InputError(f"{where}: missing or empty \"{key}\" (each line needs \"query\" and \"positive\" strings)")
+                    if not isinstance(rec[key], str) or not rec[key].strip():
+                        raise InputError(f"{where}: \"{key}\" must be a non-empty string")
                 negs = rec.get("negatives", [rec["negative"]] if "negative" in rec else [])
                 if not isinstance(negs, list) or not all(isinstance(x, str) for x in negs):
                     raise InputError(f"{where}: \"negatives\" must be a list of strings")

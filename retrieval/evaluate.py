@@ -52,11 +52,15 @@ def read_jsonl(path: str | Path, required_fields: Iterable[str] = ()) -> list[di
         InputError: the file is missing, or a line is not a JSON object or lacks a field;
             the message names the file and the line (``file.jsonl:3: ...``).
     """
-    return [obj for _, obj in _numbered(path, required_fields)]
+    return [obj for _, obj in read_numbered_jsonl(path, required_fields)]
 
 
-def _numbered(path: str | Path, required_fields: Iterable[str] = ()) -> list[tuple[int, dict[str, Any]]]:
-    """:func:`read_jsonl` with each object's 1-based line number (for later error messages)."""
+def read_numbered_jsonl(path: str | Path, required_fields: Iterable[str] = ()) -> list[tuple[int, dict[str, Any]]]:
+    """:func:`read_jsonl` with each object's 1-based line number (for later error messages).
+
+    Raises:
+        InputError: as :func:`read_jsonl`.
+    """
     p = str(path)
     raw = read_text(path)  # a local path or a URI (eval runs as a cluster job too)
     required = list(required_fields)
@@ -88,7 +92,7 @@ def read_queries(path: str | Path) -> dict[str, str]:
         InputError: a line lacks an id or a text, the text is empty, or an id repeats.
     """
     out: dict[str, str] = {}
-    for lineno, obj in _numbered(path):
+    for lineno, obj in read_numbered_jsonl(path):
         qid = _pick(obj, _ID_ALIASES)
         text = _pick(obj, _TEXT_ALIASES)
         if qid is None or isinstance(qid, (dict, list)):
@@ -108,7 +112,7 @@ def read_qrels(path: str | Path) -> dict[str, set[str]]:
         InputError: a line lacks ``qid`` or a ``doc_id``/``doc_ids``.
     """
     out: dict[str, set[str]] = {}
-    for lineno, obj in _numbered(path):
+    for lineno, obj in read_numbered_jsonl(path):
         qid = _pick(obj, _QREL_ID_ALIASES)
         if qid is None or isinstance(qid, (dict, list)):
             raise InputError(f"{path}:{lineno}: missing required field 'qid' (the query id)")
@@ -236,7 +240,7 @@ def evaluate_answers(
     """
     from ragops.retrieval.metrics import answer_contains, citation_precision, exact_match, token_f1
 
-    rows = _numbered(data_path, ("question", "answers"))
+    rows = read_numbered_jsonl(data_path, ("question", "answers"))
     if not rows:
         raise InputError(f"{data_path}: no questions to evaluate")
     per_question: list[dict[str, Any]] = []

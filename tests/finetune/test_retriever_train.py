@@ -59,16 +59,19 @@ def _pair_file(path: Path, corpus: list[Chunk], n: int = 24) -> Path:
 def test_pair_files_name_the_bad_line(tmp_path: Path) -> None:
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"query": "q", "positive": "p"}\n{"query": "q2"}\n')
-    with pytest.raises(InputError, match=r"p.jsonl:2: missing or empty \"positive\""):
+    with pytest.raises(InputError, match=r"p.jsonl:2: missing required field\(s\) 'positive'"):
         read_pair_files([str(bad)])
     bad.write_text('{"query": "q", "positive": "p", "negatives": "x"}\n')
     with pytest.raises(InputError, match="negatives"):
         read_pair_files([str(bad)])
     bad.write_text("{not json\n")
-    with pytest.raises(InputError, match="p.jsonl:1: not JSON"):
+    with pytest.raises(InputError, match="p.jsonl:1: invalid JSON"):
         read_pair_files([str(bad)])
     with pytest.raises(InputError, match="not found"):
         read_pair_files([str(tmp_path / "missing.jsonl")])
+    bad.write_text('{"query": "  ", "positive": "p"}\n')
+    with pytest.raises(InputError, match=r"p.jsonl:1: \"query\" must be a non-empty string"):
+        read_pair_files([str(bad)])
     ok = write_jsonl(tmp_path / "ok.jsonl", [{"query": " a ", "positive": "b", "doc_id": "d", "negative": "n"}])
     [p] = read_pair_files([str(ok)])
     assert (p.query, p.positive, p.doc_id, p.negatives, p.source) == ("a", "b", "d", ["n"], "file")
