@@ -56,6 +56,7 @@ def collection_stats(settings: Settings, collection: str | None = None) -> dict[
             "unchanged": last.get("unchanged"),
             "deleted": last.get("deleted"),
             "failed": last.get("failed_count"),
+            "embedder_backend": last.get("embedder_backend", "torch"),  # runs before the field: torch
         }
     stats: dict[str, Any] = {
         "collection": logical,

@@ -54,7 +54,7 @@ def test_first_ingest_then_unchanged_rerun_writes_nothing(make_settings, tmp_pat
 
     stats = collection_stats(s)
     assert stats["documents"] == 7 and stats["points"] == len(ids) and stats["dim"] == 32
-    assert stats["last_ingest"]["unchanged"] == 7
+    assert stats["last_ingest"]["unchanged"] == 7 and stats["last_ingest"]["embedder_backend"] == "torch"
     records = read_records(s.data_dir, "ragops")
     assert len(records) == 2
     # Each run records where its time went; the phases add up to no more than the whole run.
