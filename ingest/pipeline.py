@@ -66,11 +66,16 @@ def pipeline_fingerprint(settings: Settings) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def load_tokenizer(model: str) -> Any:
-    """The embedder's tokenizer alone (chunking needs no model weights)."""
+def load_tokenizer(model: str, registry: tuple[str, str] | None = None) -> Any:
+    """The embedder's tokenizer alone (chunking needs no model weights).
+
+    Args:
+        model: The embedder as configured.
+        registry: Where published embedder artifacts resolve (``EmbedderConfig._registry``).
+    """
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(resolve_model(model, kind="embedder").locate()))
+    return AutoTokenizer.from_pretrained(str(resolve_model(model, kind="embedder", registry=registry).locate()))
 
 
 def _empty_batch() -> dict[str, list[Any]]:
@@ -102,7 +107,7 @@ class LoadChunkStage:
     def chunker(self) -> Chunker:
         """The chunker, built on first use with the embedder's tokenizer."""
         if self._chunker is None:
-            self._chunker = Chunker(self.settings.ingest.chunker, load_tokenizer(self.settings.embedder.model))
+            self._chunker = Chunker(self.settings.ingest.chunker, load_tokenizer(self.settings.embedder.model, self.settings.embedder._registry))
         return self._chunker
 
     def __call__(self, batch: Batch) -> Batch:
@@ -252,14 +257,14 @@ ProgressFn = Callable[[dict[str, Any]], None]
 
 def open_collection(settings: Settings, collection: str | None = None) -> tuple[VectorStore, CollectionSpec]:
     """Open the store and make sure the collection exists and matches the embedder."""
-    from ragops.embeddings import TextEmbedder
+    from ragops.embeddings import TextEmbedder, embedder_identity
 
-    model = resolve_model(settings.embedder.model, kind="embedder")
+    model = resolve_model(settings.embedder.model, kind="embedder", registry=settings.embedder._registry)
     model.locate()  # fail fast (and before creating anything) when the weights are not here
     store = open_store(settings.vectorstore, settings.data_dir, collection)
     dim = model.dim or TextEmbedder(settings.embedder).dim
     spec = CollectionSpec(
-        name=store.collection, dim=dim, embedder=settings.embedder.model, sparse=settings.ingest.sparse.enabled
+        name=store.collection, dim=dim, embedder=embedder_identity(settings.embedder), sparse=settings.ingest.sparse.enabled
     )
     try:
         store.ensure_collection(spec)

@@ -35,6 +35,16 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def embedder_identity(cfg: EmbedderConfig) -> str:
+    """What a collection built with ``cfg.model`` records as its embedder, without loading it.
+
+    The configured name, except for a registry alias of a published embedder
+    (``embedder-latest``): that moves, so the artifact it names now is recorded.
+    """
+    spec = resolve_model(cfg.model, kind="embedder", registry=cfg._registry)
+    return spec.artifact or cfg.model
+
+
 class TextEmbedder:
     """Encodes passages and queries with one sentence-transformers model.
 

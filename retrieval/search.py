@@ -449,7 +449,9 @@ class Retriever:
         name = self.collection
         if spec is None:
             raise CollectionError(f"collection '{name}' does not exist; run `ragops ingest PATH --collection {name}`")
-        configured = self.settings.embedder.model
+        from ragops.embeddings import embedder_identity
+
+        configured = embedder_identity(self.settings.embedder)
         if spec.embedder != configured:
             raise CollectionError(
                 f"collection '{name}' was built with embedder '{spec.embedder}', but the configuration uses "

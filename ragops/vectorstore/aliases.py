@@ -425,7 +425,9 @@ def live_settings(
                 f"alias '{name}' points at collection '{physical}', which does not exist in {catalog.where}: "
                 f"roll back with `ragops index reembed --rollback --collection {name}`"
             )
-        configured = settings.embedder.model
+        from ragops.embeddings import embedder_identity
+
+        configured = embedder_identity(settings.embedder)
         if configured == spec.embedder:
             return settings, physical
         earlier = _earlier_embedders(catalog, physical)

@@ -129,7 +129,7 @@ def test_exclude_docs_reads_qrels_or_plain_ids(tmp_path: Path) -> None:
 # -- training -----------------------------------------------------------------------------
 
 
-def test_train_embedder_publishes_a_loadable_model_with_before_after_metrics(indexed: Any, tmp_path: Path) -> None:
+def test_train_embedder_publishes_a_loadable_model_with_before_after_metrics(indexed: Any, tmp_path: Path, sample_docs: Path) -> None:
     from ragops.artifacts import Registry
     from ragops.embeddings import TextEmbedder
     from ragops.finetune.retriever_loops import HELDOUT_QRELS, HELDOUT_QUERIES
@@ -163,6 +163,16 @@ def test_train_embedder_publishes_a_loadable_model_with_before_after_metrics(ind
     # ...and it changed: fine-tuning moved the weights.
     before = TextEmbedder(indexed.embedder).encode_queries(["how do I share a GPU?"])
     assert not np.allclose(vec, before, atol=1e-6)
+    # Ingest and search with the alias as embedder.model: the collection records the artifact.
+    from ragops.index import collection_stats
+    from ragops.ingest.pipeline import run_ingest
+    from ragops.retrieval.search import Retriever
+
+    by_alias = indexed.model_copy(update={"embedder": cfg})
+    run_ingest(by_alias, [str(sample_docs)], collection="tuned")
+    assert collection_stats(by_alias, "tuned")["embedder"] == art.name
+    with Retriever(by_alias, collection="tuned") as retriever:
+        assert retriever.search("GPU sharing", k=2, mode="dense").hits
     # The same gate as adapters: a candidate without the metric's value is refused by name.
     reg.promote(art.name, "retriever-prod", require_metric="eval_ndcg_at_10")
     with pytest.raises(InputError, match="eval_pairwise_accuracy"):
