@@ -3,7 +3,7 @@
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["ingest", "embedder", "reembed", "vectorstore", "quality", "latency", "answers", "engines", "generation", "serve", "llmops", "train", "ppo", "tracking"]
+ORDER = ["ingest", "embedder", "reembed", "vectorstore", "quality", "retriever-train", "latency", "answers", "engines", "generation", "serve", "llmops", "train", "ppo", "tracking"]
 
 HEADER = """# Benchmarks
 
