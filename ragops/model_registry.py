@@ -222,12 +222,10 @@ def resolve_model(name: str, kind: ModelKind | None = None, registry: tuple[str,
         return ModelSpec(name=name, kind=kind or "embedder", source="hub", ref=name, description="hub model")
     known = ", ".join(m.name for m in BUILTIN_MODELS if kind is None or m.kind == kind)
     raise ModelNotFoundError(
-        f"unknown model '{name}': not a registry name ({known}), an existing path, or a hub id (org/name)"
+        f"unknown model '{name}': not a registry name ({known}), "
+        + ("a published embedder/reranker artifact, " if registry is not None else "")
+        + "an existing path, or a hub id (org/name)"
     )
-
-
-#: Artifact kinds that stand for each model kind (a reranker artifact is a cross-encoder).
-_ARTIFACT_KINDS = {"embedder": "embedder", "reranker": "reranker"}
 
 
 def _artifact_spec(name: str, kind: ModelKind | None, registry: tuple[str, str]) -> ModelSpec | None:
@@ -240,12 +238,12 @@ def _artifact_spec(name: str, kind: ModelKind | None, registry: tuple[str, str])
     art = reg.get(name)
     if not art.is_encoder:
         raise ModelNotFoundError(f"artifact '{name}' is a {art.kind} artifact, not an embedder or reranker model")
-    if kind is not None and _ARTIFACT_KINDS.get(art.kind) != kind:
+    if kind is not None and art.kind != kind:  # encoder artifact kinds are model kinds
         raise ModelNotFoundError(f"artifact '{name}' is a {art.kind} model, not a {kind}")
     directory = reg.local_dir(art.name)
     return ModelSpec(
         name=name,
-        kind=_ARTIFACT_KINDS[art.kind],  # type: ignore[arg-type]
+        kind=art.kind,  # type: ignore[arg-type]
         source="local",
         ref=str(directory),
         description=f"{art.kind} artifact {art.name} (fine-tuned from {art.base_model})",

@@ -212,6 +212,14 @@ def test_train_reranker_scores_with_the_published_cross_encoder(indexed: Any, tm
     rr = Reranker(indexed.retrieval.rerank.model_copy(update={"model": "reranker-latest"}))
     rr.warm_up()
     assert rr.spec.artifact == art.name
+    # A reranker is not an embedder, and an unknown name says where names may come from.
+    from ragops.errors import ModelNotFoundError
+    from ragops.model_registry import resolve_model
+
+    with pytest.raises(ModelNotFoundError, match="is a reranker model, not a embedder"):
+        resolve_model("reranker-latest", kind="embedder", registry=indexed.embedder._registry)
+    with pytest.raises(ModelNotFoundError, match="published embedder/reranker artifact"):
+        resolve_model("embedder-nope", kind="embedder", registry=indexed.embedder._registry)
 
 
 def test_cli_trains_an_embedder_on_ray_train(indexed: Any, tmp_path: Path, ray_local: None, tiny_embedder: Path) -> None:
