@@ -22,7 +22,7 @@ Usage::
     python benchmarks/train_embedder.py --skip-train embedder-20261207-1130-ab12   # score an artifact again
     python benchmarks/train_embedder.py --reranker --rerank-queries 400
 
-Writes ``benchmarks/out/pydocs/embedder-results.json`` and prints a markdown table.
+Writes ``benchmarks/out/pydocs/embedder-results-<artifact>.json`` and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--skip-train", metavar="ARTIFACT", help="score this embedder artifact instead of training one")
     ap.add_argument("--skip-ingest", action="store_true", help="the fine-tuned collection is already built")
+    ap.add_argument("--ft-collection", help="collection for the fine-tuned embedder (default: <collection>-ft)")
     ap.add_argument("--reranker", action="store_true", help="also train and score a cross-encoder")
     ap.add_argument("--reranker-steps", type=int, default=None)
     ap.add_argument("--rerank-queries", type=int, default=400)
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         artifact = trained["artifact"]
         results["embedder_run"] = {k: trained[k] for k in ("artifact", "steps", "metrics", "data", "wall_s")}
         print(f"trained {artifact} in {trained['wall_s']} s", file=sys.stderr)
-    ft = _settings(args.data_dir, f"{args.collection}-ft", [*args.set, f"embedder.model={artifact}"])
+    ft = _settings(args.data_dir, args.ft_collection or f"{args.collection}-ft", [*args.set, f"embedder.model={artifact}"])
     if not args.skip_ingest:
         started = time.perf_counter()
         report = run_ingest(ft, [str(args.bench / "corpus")])
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, row in results["rerank_sample"].items():
             if isinstance(row, dict):
                 print(f"| {name} ({args.rerank_queries} queries) | {row['recall@10']:.3f} | {row['mrr@10']:.3f} | {row['ndcg@10']:.3f} |")
-    out = args.bench / "embedder-results.json"
+    out = args.bench / f"embedder-results-{artifact}.json"
     out.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
     print(f"wrote {out}", file=sys.stderr)
     return 0
