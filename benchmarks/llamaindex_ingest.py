@@ -2,10 +2,10 @@
 
 Runs in its own virtualenv (not the project's), e.g.::
 
-    python -m venv /tmp/li-venv
-    /tmp/li-venv/bin/pip install torch==2.13.0
-    /tmp/li-venv/bin/pip install llama-index-core llama-index-embeddings-huggingface
-    /tmp/li-venv/bin/python benchmarks/llamaindex_ingest.py --model PATH SLICE_DIR...
+    python -m venv benchmarks/out/li-venv
+    benchmarks/out/li-venv/bin/pip install torch==2.13.0
+    benchmarks/out/li-venv/bin/pip install llama-index-core llama-index-embeddings-huggingface
+    benchmarks/out/li-venv/bin/python benchmarks/llamaindex_ingest.py --model PATH SLICE_DIR...
 
 Reads the pydocs JSONL pages (one document per line: ``id``, ``title``, ``text``), splits them
 with ``SentenceSplitter(chunk_size=200, chunk_overlap=32)`` (LlamaIndex counts tokens with its

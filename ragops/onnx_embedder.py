@@ -262,8 +262,8 @@ def ensure_exported(source: Path, root: Path) -> tuple[Path, dict[str, Any]]:
                 trash = Path(tempfile.mkdtemp(prefix=f".trash-{entry.name}-", dir=root))
                 try:
                     os.replace(entry, trash / "old")
-                except OSError:
-                    pass  # another process replaced it first
+                except OSError:  # another process replaced it first: the rename below decides
+                    log.debug("corrupt ONNX cache entry %s was already replaced", entry)
             try:
                 os.rename(tmp, entry)
             except OSError:
