@@ -6,7 +6,7 @@ Two kinds, mixed by ``finetune.<model>.pairs.synthesize_generated``:
   the chunk answers (the recipe of docTTTTTquery / InPars / "GenQ" in sentence-transformers'
   examples), greedy, a few dozen tokens;
 * **structural**: free, from the chunk itself: its innermost heading as a topic query
-  ("json > Basic Usage" → "Basic Usage json"), or its first sentence as a query with that
+  ("json > Basic Usage" → "Basic Usage json"), or one of its sentences as a query with that
   sentence removed from the positive (the Inverse Cloze Task of ORQA), so the pair does not
   match on the very words it was cut from.
 
@@ -34,7 +34,12 @@ _QUESTION_PROMPT = (
 
 
 def structural_query(chunk: Chunk, rng: random.Random) -> tuple[str, str] | None:
-    """``(query, positive)`` from a chunk's heading or first sentence; None when it has neither."""
+    """``(query, positive)`` from a chunk's heading or one of its sentences; None when it has neither.
+
+    The sentence is drawn from anywhere in the body, as ORQA's Inverse Cloze Task does, not only
+    the first: in reference documentation the sentence a user's question paraphrases is as often
+    the one under a signature in the middle of a section as the section's opening line.
+    """
     options: list[tuple[str, str]] = []
     parts = [p.strip() for p in chunk.label.split(" > ") if p.strip()]
     if parts:
@@ -43,13 +48,14 @@ def structural_query(chunk: Chunk, rng: random.Random) -> tuple[str, str] | None
         query = f"{inner} {context}".strip() if context and context.lower() not in inner.lower() else inner
         if len(query.split()) >= 2:
             options.append((query, chunk.text))
-    m = _SENTENCE.match(chunk.body.strip())
-    if m:
-        first = " ".join(m.group(1).split())
-        rest = chunk.body.strip()[m.end() :].strip()
-        if 4 <= len(first.split()) <= 40 and len(rest.split()) >= 8:
+    body = chunk.body.strip()
+    spans = [m for m in _SENTENCE.finditer(body) if 4 <= len(m.group(1).split()) <= 40]
+    if spans:
+        m = rng.choice(spans)
+        rest = f"{body[: m.start()].rstrip()} {body[m.end() :].lstrip()}".strip()
+        if len(rest.split()) >= 8:
             positive = f"{chunk.label}\n\n{rest}" if chunk.label else rest
-            options.append((first, positive))
+            options.append((" ".join(m.group(1).split()), positive))
     return rng.choice(options) if options else None
 
 

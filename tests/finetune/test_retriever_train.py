@@ -89,14 +89,18 @@ def test_split_holds_out_whole_documents_and_leaks_are_refused() -> None:
         check_no_leak(train, held, excluded={train[0].doc_id})
 
 
-def test_structural_queries_come_from_headings_or_a_cut_first_sentence() -> None:
-    c = Chunk(chunk_id="c", doc_id="d", text="Guide > GPU sharing\n\nMIG splits a GPU into instances. Each one has its own memory and compute, isolated from the rest.",
-              body="MIG splits a GPU into instances. Each one has its own memory and compute, isolated from the rest.",
-              label="Guide > GPU sharing")  # fmt: skip
-    seen = {structural_query(c, random.Random(s)) for s in range(20)}
+def test_structural_queries_come_from_headings_or_a_cut_sentence() -> None:
+    body = ("MIG splits a GPU into instances. Each one has its own memory and compute, isolated from the rest. "
+            "MPS instead shares one GPU between processes without isolation.")  # fmt: skip
+    c = Chunk(chunk_id="c", doc_id="d", text=f"Guide > GPU sharing\n\n{body}", body=body, label="Guide > GPU sharing")
+    seen = {structural_query(c, random.Random(s)) for s in range(60)}
     assert ("GPU sharing Guide", c.text) in seen
-    cut = [q for q in seen if q and q[0].startswith("MIG splits")]
-    assert cut and "MIG splits" not in cut[0][1]  # the sentence left the positive (inverse cloze)
+    cut = {q for q in seen if q and q[1] != c.text}
+    # any sentence may be the query (inverse cloze), and it always leaves the positive
+    assert {q.split()[0] for q, _ in cut} == {"MIG", "Each", "MPS"}
+    assert all(q not in positive and positive.startswith("Guide > GPU sharing\n\n") for q, positive in cut)
+    middle = next(p for q, p in cut if q.startswith("Each"))
+    assert "instances. MPS instead" in middle  # the text around a cut sentence is joined, not lost
     assert structural_query(Chunk("c", "d", "x", "x", ""), random.Random(0)) is None
 
 
