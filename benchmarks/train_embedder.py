@@ -96,7 +96,7 @@ def _cli(args: list[str]) -> dict[str, Any]:
     return out
 
 
-def score(settings: Any, bench: Path, modes: tuple[str, ...], sample: int = 0, seed: int = 0) -> dict[str, Any]:
+def score(settings: Any, bench: Path, modes: tuple[str, ...], sample: int = 0, seed: int = 0, fusion: str | None = None) -> dict[str, Any]:
     from ragops.retrieval.evaluate import evaluate_retrieval, read_jsonl
     from ragops.retrieval.search import Retriever
 
@@ -107,7 +107,7 @@ def score(settings: Any, bench: Path, modes: tuple[str, ...], sample: int = 0, s
         queries = bench / f"test-sample-{sample}-queries.jsonl"
         queries.write_text("".join(json.dumps(r) + "\n" for r in rows if r["qid"] in keep), encoding="utf-8")
     with Retriever(settings) as retriever:
-        return evaluate_retrieval(retriever, queries, qrels, k=10, modes=modes, latency_samples=0)
+        return evaluate_retrieval(retriever, queries, qrels, k=10, modes=modes, latency_samples=0, fusion=fusion)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,11 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         results["ft_ingest"] = {"chunks": report.chunks, "wall_s": round(time.perf_counter() - started, 1)}
     results["packaged"] = score(base, args.bench, ("dense", "hybrid"))
     results["finetuned"] = score(ft, args.bench, ("dense", "hybrid"))
+    for name, settings in (("packaged", base), ("finetuned", ft)):  # the other fusion, same queries
+        results[name]["modes"]["hybrid-dbsf"] = score(settings, args.bench, ("hybrid",), fusion="dbsf")["modes"]["hybrid"]
     print("| model | mode | recall@10 | MRR@10 | nDCG@10 |\n|---|---|---:|---:|---:|")
     for name in ("packaged", "finetuned"):
         for mode, row in results[name]["modes"].items():
             print(f"| {name} | {mode} | {row['recall@10']:.3f} | {row['mrr@10']:.3f} | {row['ndcg@10']:.3f} |")
-    for mode in ("dense", "hybrid"):
+    for mode in ("dense", "hybrid", "hybrid-dbsf"):
         delta = results["finetuned"]["modes"][mode]["ndcg@10"] - results["packaged"]["modes"][mode]["ndcg@10"]
         print(f"{mode} nDCG@10 change: {delta:+.3f}")
     if args.reranker:
