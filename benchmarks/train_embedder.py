@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-ingest", action="store_true", help="the fine-tuned collection is already built")
     ap.add_argument("--ft-collection", help="collection for the fine-tuned embedder (default: <collection>-ft)")
     ap.add_argument("--reranker", action="store_true", help="also train and score a cross-encoder")
+    ap.add_argument("--reranker-only", action="store_true",
+                    help="train and score only the cross-encoder, over the packaged embedder's collection (no embedder run)")
     ap.add_argument("--reranker-steps", type=int, default=None)
     ap.add_argument("--rerank-queries", type=int, default=400)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -145,8 +147,12 @@ def main(argv: list[str] | None = None) -> int:
               "--exclude-docs", str(excl), "--synthesize", str(args.synthesize)]  # fmt: skip
     for s in args.set:
         common += ["--set", s]
+    args.reranker = args.reranker or args.reranker_only
     artifact = args.skip_train
-    if not artifact:
+    ft = None
+    if args.reranker_only:
+        artifact = "packaged"
+    elif not artifact:
         train_args = ["train", "embedder", *common, "--set", f"finetune.embedder.pairs.synthesize_generated={args.generated}",
                       "--set", f"finetune.embedder.batch_size={args.batch_size}", "--set", "finetune.cpus_per_worker=2"]  # fmt: skip
         if args.max_steps:
@@ -155,20 +161,21 @@ def main(argv: list[str] | None = None) -> int:
         artifact = trained["artifact"]
         results["embedder_run"] = {k: trained[k] for k in ("artifact", "steps", "metrics", "data", "wall_s")}
         print(f"trained {artifact} in {trained['wall_s']} s", file=sys.stderr)
-    ft = _settings(args.data_dir, args.ft_collection or f"{args.collection}-ft", [*args.set, f"embedder.model={artifact}"])
-    if not args.skip_ingest:
-        started = time.perf_counter()
-        report = run_ingest(ft, [str(args.bench / "corpus")])
-        results["ft_ingest"] = {"chunks": report.chunks, "wall_s": round(time.perf_counter() - started, 1)}
-    results["packaged"] = score(base, args.bench, ("dense", "hybrid"), dbsf=True)
-    results["finetuned"] = score(ft, args.bench, ("dense", "hybrid"), dbsf=True)
-    print("| model | mode | recall@10 | MRR@10 | nDCG@10 |\n|---|---|---:|---:|---:|")
-    for name in ("packaged", "finetuned"):
-        for mode, row in results[name]["modes"].items():
-            print(f"| {name} | {mode} | {row['recall@10']:.3f} | {row['mrr@10']:.3f} | {row['ndcg@10']:.3f} |")
-    for mode in ("dense", "hybrid", "hybrid-dbsf"):
-        delta = results["finetuned"]["modes"][mode]["ndcg@10"] - results["packaged"]["modes"][mode]["ndcg@10"]
-        print(f"{mode} nDCG@10 change: {delta:+.3f}")
+    if not args.reranker_only:
+        ft = _settings(args.data_dir, args.ft_collection or f"{args.collection}-ft", [*args.set, f"embedder.model={artifact}"])
+        if not args.skip_ingest:
+            started = time.perf_counter()
+            report = run_ingest(ft, [str(args.bench / "corpus")])
+            results["ft_ingest"] = {"chunks": report.chunks, "wall_s": round(time.perf_counter() - started, 1)}
+        results["packaged"] = score(base, args.bench, ("dense", "hybrid"), dbsf=True)
+        results["finetuned"] = score(ft, args.bench, ("dense", "hybrid"), dbsf=True)
+        print("| model | mode | recall@10 | MRR@10 | nDCG@10 |\n|---|---|---:|---:|---:|")
+        for name in ("packaged", "finetuned"):
+            for mode, row in results[name]["modes"].items():
+                print(f"| {name} | {mode} | {row['recall@10']:.3f} | {row['mrr@10']:.3f} | {row['ndcg@10']:.3f} |")
+        for mode in ("dense", "hybrid", "hybrid-dbsf"):
+            delta = results["finetuned"]["modes"][mode]["ndcg@10"] - results["packaged"]["modes"][mode]["ndcg@10"]
+            print(f"{mode} nDCG@10 change: {delta:+.3f}")
     if args.reranker:
         rr_args = ["train", "reranker", *common, "--set", f"finetune.reranker.pairs.synthesize_generated={args.generated}",
                    "--set", "finetune.cpus_per_worker=2"]  # fmt: skip
@@ -176,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
             rr_args += ["--max-steps", str(args.reranker_steps)]
         rr = _cli(rr_args)
         results["reranker_run"] = {k: rr[k] for k in ("artifact", "steps", "metrics", "data", "wall_s")}
-        better = ft if results["finetuned"]["modes"]["hybrid"]["ndcg@10"] >= results["packaged"]["modes"]["hybrid"]["ndcg@10"] else base
+        better = base  # the stronger first stage when both were scored
+        if ft is not None and results["finetuned"]["modes"]["hybrid"]["ndcg@10"] >= results["packaged"]["modes"]["hybrid"]["ndcg@10"]:
+            better = ft
         reranked = better.model_copy(update={"retrieval": better.retrieval.model_copy(
             update={"rerank": better.retrieval.rerank.model_copy(update={"model": rr["artifact"]})})})  # fmt: skip
         results["rerank_sample"] = {
