@@ -96,8 +96,13 @@ def _cli(args: list[str]) -> dict[str, Any]:
     return out
 
 
-def score(settings: Any, bench: Path, modes: tuple[str, ...], sample: int = 0, seed: int = 0, dbsf: bool = False) -> dict[str, Any]:
-    """The split's metrics per mode; with ``dbsf`` also ``hybrid-dbsf`` (one model load for all)."""
+def score(settings: Any, bench: Path, modes: tuple[str, ...], sample: int = 0, seed: int = 0,
+          variants: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The split's metrics per mode (no reranking), plus each named hybrid ``variant``.
+
+    A variant is ``evaluate_retrieval`` keywords (``{"fusion": "dbsf"}``, ``{"rerank": True}``)
+    run on the same queries with the same open retriever, so the models load once.
+    """
     from ragops.retrieval.evaluate import evaluate_retrieval, read_jsonl
     from ragops.retrieval.search import Retriever
 
@@ -108,11 +113,60 @@ def score(settings: Any, bench: Path, modes: tuple[str, ...], sample: int = 0, s
         queries = bench / f"test-sample-{sample}-queries.jsonl"
         queries.write_text("".join(json.dumps(r) + "\n" for r in rows if r["qid"] in keep), encoding="utf-8")
     with Retriever(settings) as retriever:
-        out = evaluate_retrieval(retriever, queries, qrels, k=10, modes=modes, latency_samples=0)
-        if dbsf:  # the other fusion, same queries and retriever
-            other = evaluate_retrieval(retriever, queries, qrels, k=10, modes=("hybrid",), latency_samples=0, fusion="dbsf")
-            out["modes"]["hybrid-dbsf"] = other["modes"]["hybrid"]
+        out = evaluate_retrieval(retriever, queries, qrels, k=10, modes=modes, latency_samples=0, rerank=False)
+        for name, kwargs in (variants or {}).items():
+            other = evaluate_retrieval(retriever, queries, qrels, k=10, modes=("hybrid",), latency_samples=0, **kwargs)
+            out["modes"][name] = other["modes"]["hybrid"]
         return out
+
+
+def embedder_stage(args: argparse.Namespace, base: Any, common: list[str], results: dict[str, Any]) -> tuple[Any, str]:
+    """Train (or take) the embedder, ingest with it, score both collections; its settings and artifact."""
+    from ragops.ingest.pipeline import run_ingest
+
+    artifact = args.skip_train
+    if not artifact:
+        train_args = ["train", "embedder", *common, "--set", f"finetune.embedder.pairs.synthesize_generated={args.generated}",
+                      "--set", f"finetune.embedder.batch_size={args.batch_size}", "--set", "finetune.cpus_per_worker=2"]  # fmt: skip
+        if args.max_steps:
+            train_args += ["--max-steps", str(args.max_steps)]
+        trained = _cli(train_args)
+        artifact = trained["artifact"]
+        results["embedder_run"] = {k: trained[k] for k in ("artifact", "steps", "metrics", "data", "wall_s")}
+        print(f"trained {artifact} in {trained['wall_s']} s", file=sys.stderr)
+    ft = _settings(args.data_dir, args.ft_collection or f"{args.collection}-ft", [*args.set, f"embedder.model={artifact}"])
+    if not args.skip_ingest:
+        started = time.perf_counter()
+        report = run_ingest(ft, [str(args.bench / "corpus")])
+        results["ft_ingest"] = {"chunks": report.chunks, "wall_s": round(time.perf_counter() - started, 1)}
+    dbsf = {"hybrid-dbsf": {"fusion": "dbsf"}}
+    results["packaged"] = score(base, args.bench, ("dense", "hybrid"), variants=dbsf)
+    results["finetuned"] = score(ft, args.bench, ("dense", "hybrid"), variants=dbsf)
+    print("| model | mode | recall@10 | MRR@10 | nDCG@10 |\n|---|---|---:|---:|---:|")
+    for name in ("packaged", "finetuned"):
+        for mode, row in results[name]["modes"].items():
+            print(f"| {name} | {mode} | {row['recall@10']:.3f} | {row['mrr@10']:.3f} | {row['ndcg@10']:.3f} |")
+    for mode in ("dense", "hybrid", "hybrid-dbsf"):
+        delta = results["finetuned"]["modes"][mode]["ndcg@10"] - results["packaged"]["modes"][mode]["ndcg@10"]
+        print(f"{mode} nDCG@10 change: {delta:+.3f}")
+    return ft, artifact
+
+
+def reranker_stage(args: argparse.Namespace, first: Any, common: list[str], results: dict[str, Any]) -> str:
+    """Train the cross-encoder and score hybrid with and without it over ``first``; its artifact."""
+    rr_args = ["train", "reranker", *common, "--set", f"finetune.reranker.pairs.synthesize_generated={args.generated}",
+               "--set", "finetune.cpus_per_worker=2"]  # fmt: skip
+    if args.reranker_steps:
+        rr_args += ["--max-steps", str(args.reranker_steps)]
+    rr = _cli(rr_args)
+    results["reranker_run"] = {k: rr[k] for k in ("artifact", "steps", "metrics", "data", "wall_s")}
+    reranked = first.model_copy(update={"retrieval": first.retrieval.model_copy(
+        update={"rerank": first.retrieval.rerank.model_copy(update={"model": rr["artifact"]})})})  # fmt: skip
+    sample = score(reranked, args.bench, ("hybrid",), sample=args.rerank_queries, variants={"hybrid+rerank": {"rerank": True}})
+    results["rerank_sample"] = {"collection": first.vectorstore.collection, **sample["modes"]}
+    for name, row in sample["modes"].items():
+        print(f"| {name} ({args.rerank_queries} queries) | {row['recall@10']:.3f} | {row['mrr@10']:.3f} | {row['ndcg@10']:.3f} |")
+    return rr["artifact"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,8 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rerank-queries", type=int, default=400)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
-    from ragops.ingest.pipeline import run_ingest
-
     base = _settings(args.data_dir, args.collection, args.set)
     if not (args.bench / "qrels.jsonl").is_file():
         raise SystemExit(f"no benchmark at {args.bench}: run benchmarks/build_pydocs_benchmark.py first")
@@ -147,55 +199,16 @@ def main(argv: list[str] | None = None) -> int:
               "--exclude-docs", str(excl), "--synthesize", str(args.synthesize)]  # fmt: skip
     for s in args.set:
         common += ["--set", s]
-    args.reranker = args.reranker or args.reranker_only
-    artifact = args.skip_train
-    ft = None
-    if args.reranker_only:
-        artifact = "packaged"
-    elif not artifact:
-        train_args = ["train", "embedder", *common, "--set", f"finetune.embedder.pairs.synthesize_generated={args.generated}",
-                      "--set", f"finetune.embedder.batch_size={args.batch_size}", "--set", "finetune.cpus_per_worker=2"]  # fmt: skip
-        if args.max_steps:
-            train_args += ["--max-steps", str(args.max_steps)]
-        trained = _cli(train_args)
-        artifact = trained["artifact"]
-        results["embedder_run"] = {k: trained[k] for k in ("artifact", "steps", "metrics", "data", "wall_s")}
-        print(f"trained {artifact} in {trained['wall_s']} s", file=sys.stderr)
+    artifact = "packaged"
+    first = base  # the first stage the reranker is scored over: the better hybrid
     if not args.reranker_only:
-        ft = _settings(args.data_dir, args.ft_collection or f"{args.collection}-ft", [*args.set, f"embedder.model={artifact}"])
-        if not args.skip_ingest:
-            started = time.perf_counter()
-            report = run_ingest(ft, [str(args.bench / "corpus")])
-            results["ft_ingest"] = {"chunks": report.chunks, "wall_s": round(time.perf_counter() - started, 1)}
-        results["packaged"] = score(base, args.bench, ("dense", "hybrid"), dbsf=True)
-        results["finetuned"] = score(ft, args.bench, ("dense", "hybrid"), dbsf=True)
-        print("| model | mode | recall@10 | MRR@10 | nDCG@10 |\n|---|---|---:|---:|---:|")
-        for name in ("packaged", "finetuned"):
-            for mode, row in results[name]["modes"].items():
-                print(f"| {name} | {mode} | {row['recall@10']:.3f} | {row['mrr@10']:.3f} | {row['ndcg@10']:.3f} |")
-        for mode in ("dense", "hybrid", "hybrid-dbsf"):
-            delta = results["finetuned"]["modes"][mode]["ndcg@10"] - results["packaged"]["modes"][mode]["ndcg@10"]
-            print(f"{mode} nDCG@10 change: {delta:+.3f}")
-    if args.reranker:
-        rr_args = ["train", "reranker", *common, "--set", f"finetune.reranker.pairs.synthesize_generated={args.generated}",
-                   "--set", "finetune.cpus_per_worker=2"]  # fmt: skip
-        if args.reranker_steps:
-            rr_args += ["--max-steps", str(args.reranker_steps)]
-        rr = _cli(rr_args)
-        results["reranker_run"] = {k: rr[k] for k in ("artifact", "steps", "metrics", "data", "wall_s")}
-        better = base  # the stronger first stage when both were scored
-        if ft is not None and results["finetuned"]["modes"]["hybrid"]["ndcg@10"] >= results["packaged"]["modes"]["hybrid"]["ndcg@10"]:
-            better = ft
-        reranked = better.model_copy(update={"retrieval": better.retrieval.model_copy(
-            update={"rerank": better.retrieval.rerank.model_copy(update={"model": rr["artifact"]})})})  # fmt: skip
-        results["rerank_sample"] = {
-            "collection": better.vectorstore.collection,
-            "hybrid": score(better, args.bench, ("hybrid",), sample=args.rerank_queries)["modes"]["hybrid"],
-            "hybrid+rerank": score(reranked, args.bench, ("hybrid",), sample=args.rerank_queries)["modes"]["hybrid"],
-        }
-        for name, row in results["rerank_sample"].items():
-            if isinstance(row, dict):
-                print(f"| {name} ({args.rerank_queries} queries) | {row['recall@10']:.3f} | {row['mrr@10']:.3f} | {row['ndcg@10']:.3f} |")
+        ft, artifact = embedder_stage(args, base, common, results)
+        if results["finetuned"]["modes"]["hybrid"]["ndcg@10"] >= results["packaged"]["modes"]["hybrid"]["ndcg@10"]:
+            first = ft
+    if args.reranker or args.reranker_only:
+        reranker = reranker_stage(args, first, common, results)
+        if args.reranker_only:
+            artifact = reranker
     out = args.bench / f"embedder-results-{artifact}.json"
     out.write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
     print(f"wrote {out}", file=sys.stderr)

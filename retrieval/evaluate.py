@@ -136,6 +136,7 @@ def evaluate_retrieval(
     modes: Sequence[str] = ("hybrid",),
     *,
     fusion: str | None = None,
+    rerank: bool | None = None,
     batch_size: int = 64,
     oversample: int = 3,
     latency_samples: int = 20,
@@ -149,6 +150,8 @@ def evaluate_retrieval(
         k: Metric depth: recall at 1, 5 and ``k`` (those ``<= k``), MRR and nDCG at ``k``.
         modes: Search modes to evaluate (``dense``, ``sparse``, ``hybrid``).
         fusion: Hybrid fusion (default ``retrieval.fusion``).
+        rerank: Whether the retriever's cross-encoder orders the hits (default: when it has one),
+            so one open retriever scores a first stage with and without its reranker.
         batch_size: Queries per batched search.
         oversample: Chunks fetched per document slot (``k * oversample`` chunks per query),
             so that ``k`` distinct documents are usually found.
@@ -188,7 +191,7 @@ def evaluate_retrieval(
         for start in range(0, len(judged), batch_size):
             ids = judged[start : start + batch_size]
             t0 = time.perf_counter()
-            found = retriever.search_batch(texts[start : start + batch_size], k=fetch, mode=mode, fusion=fusion)
+            found = retriever.search_batch(texts[start : start + batch_size], k=fetch, mode=mode, fusion=fusion, rerank=rerank)
             batch_seconds += time.perf_counter() - t0
             for qid, res in zip(ids, found):
                 runs[qid] = dedupe_doc_ranking(h.doc_id for h in res.hits)
@@ -200,7 +203,7 @@ def evaluate_retrieval(
         latencies = []
         for text in texts[: max(0, latency_samples)]:
             t0 = time.perf_counter()
-            retriever.search(text, k=fetch, mode=mode, fusion=fusion)
+            retriever.search(text, k=fetch, mode=mode, fusion=fusion, rerank=rerank)
             latencies.append((time.perf_counter() - t0) * 1000.0)
         metrics["latency_p50_ms"] = round(statistics.median(latencies), 3) if latencies else 0.0
         metrics["batch_ms_per_query"] = round(batch_seconds * 1000.0 / len(judged), 3)

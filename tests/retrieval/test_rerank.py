@@ -126,3 +126,23 @@ def test_retriever_reranks_candidates_down_to_k(corpus_settings: Any) -> None:
         batch = retriever.search_batch([query, "kraken"], mode="hybrid", k=2)
         assert [h.chunk_id for h in batch[0].hits] == best[:2]
         assert all(r.reranked for r in batch)
+
+
+def test_evaluate_retrieval_scores_with_and_without_the_reranker(corpus_settings: Any, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from ragops.retrieval.evaluate import evaluate_retrieval
+
+    queries, qrels = tmp_path / "q.jsonl", tmp_path / "r.jsonl"
+    queries.write_text(json.dumps({"qid": "q1", "query": "kraken parquet"}) + "\n", encoding="utf-8")
+    qrels.write_text(json.dumps({"qid": "q1", "doc_id": "storage.md"}) + "\n", encoding="utf-8")
+    with Retriever(corpus_settings) as retriever:
+        calls: list[int] = []
+        real = retriever.reranker.rerank_batch
+        monkeypatch.setattr(retriever.reranker, "rerank_batch", lambda qs, *a, **kw: calls.append(len(qs)) or real(qs, *a, **kw))
+        plain = evaluate_retrieval(retriever, queries, qrels, k=2, modes=("hybrid",), latency_samples=1, rerank=False)
+        assert calls == []  # the first stage alone, on a retriever that has a reranker
+        reranked = evaluate_retrieval(retriever, queries, qrels, k=2, modes=("hybrid",), latency_samples=1)
+        assert calls == [1, 1]  # the batch and the latency query, by default through the cross-encoder
+        assert plain["modes"]["hybrid"]["queries"] == reranked["modes"]["hybrid"]["queries"] == 1
